@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Reproduce docs/RESULTS.md: base MLPs, then parity models for every (k, encoder) with one recipe.
+#   scripts/reproduce_results.sh default   # the project's recipe
+#   scripts/reproduce_results.sh paper     # the authors' recipe (500 epochs; ~10 min per model)
+# Each model is trained by the public CLI; wall and CPU seconds go to runs/results/<recipe>/*.time.
+# Datasets come from --data-root / $PARM_DATA_ROOT (add --download to fetch them).
+set -euo pipefail
+recipe="${1:-default}"
+datasets="${DATASETS:-mnist fashion-mnist}"
+configs="${CONFIGS:-2:add 3:add 4:add 2:concat 4:concat}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+parm="${PARM:-parm}"
+out="runs/results/$recipe"
+mkdir -p "$out"
+TIMEFORMAT='%R %U %S'
+
+timed() {  # timed NAME CMD...: run CMD, append "wall_s user_s sys_s" to $out/NAME.time
+  local name="$1"; shift
+  { time "$@" >"$out/$name.log" 2>&1; } 2>"$out/$name.time" || { cat "$out/$name.log"; return 1; }
+}
+
+for ds in $datasets; do
+  base="runs/$ds-mlp/base"
+  # resumable: a finished base run is only re-evaluated (run one recipe first when running both at once)
+  timed "$ds-base" $parm train-base --dataset "$ds" --model mlp --out "$base" --no-progress
+  for cfg in $configs; do
+    k="${cfg%%:*}"; enc="${cfg##*:}"
+    name="$ds-k$k-$enc"
+    dir="runs/$ds-mlp/$recipe/k$k-$enc"
+    timed "$name" $parm train-parity --base "$base" --k "$k" --encoder "$enc" --recipe "$recipe" --out "$dir" --no-progress
+    $parm eval --base "$base" --parity "$dir" --json "$out/$name.json" > /dev/null
+  done
+done
+echo "results in $out"

@@ -1,0 +1,16 @@
+"""Pure tensor math of parity coding: code configs, encoders and decoders. No I/O."""
+
+from parm.coding.config import CONCAT_KS, ENCODERS, CodeConfig
+from parm.coding.decoders import decode, reconstruct_each
+from parm.coding.encoders import encode, encode_add, encode_concat
+
+__all__ = [
+    "CONCAT_KS",
+    "ENCODERS",
+    "CodeConfig",
+    "decode",
+    "encode",
+    "encode_add",
+    "encode_concat",
+    "reconstruct_each",
+]

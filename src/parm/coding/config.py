@@ -1,0 +1,62 @@
+"""Code configuration: how many queries are coded together (k), how many parities (r), which encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parm.errors import ConfigError
+
+ENCODERS: tuple[str, ...] = ("add", "concat")
+CONCAT_KS: tuple[int, ...] = (2, 3, 4)
+
+
+@dataclass(frozen=True)
+class CodeConfig:
+    """k queries coded into r parity queries with the named encoder.
+
+    The generator coefficients ``weights()`` (shape ``(r, k)``) say how parity i combines
+    the k queries (and, by training, their outputs): parity i targets Σ_j w[i, j]·F(X_j).
+    Row 0 is all ones, so with r = 1 the parity model targets F(X_1) + … + F(X_k) as in the
+    paper. Rows i ≥ 1 use the distinct nodes 1..k raised to the power i (a Vandermonde
+    matrix), whose every square sub-matrix is invertible, so any r erasures are decodable.
+    """
+
+    k: int
+    r: int = 1
+    encoder: str = "add"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 2:
+            raise ConfigError(
+                f"k must be an integer >= 2 (a coding group needs at least two queries); got k={self.k!r}",
+                field="k", value=self.k,
+            )
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"r must be an integer >= 1; got r={self.r!r}", field="r", value=self.r)
+        if self.encoder not in ENCODERS:
+            raise ConfigError(
+                f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}",
+                field="encoder", value=self.encoder,
+            )
+        if self.encoder == "concat":
+            self._check_concat()
+
+    def _check_concat(self) -> None:
+        if self.k not in CONCAT_KS:
+            raise ConfigError(
+                f"concat encoder supports k in {{2, 3, 4}}; got k={self.k}",
+                field="k", value=self.k,
+            )
+        if self.r != 1:
+            raise ConfigError(
+                f"concat encoder supports r=1 only (one tiled parity image); got r={self.r}",
+                field="r", value=self.r,
+            )
+
+    def weights(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Generator coefficients, shape (r, k): w[i, j] = (j + 1) ** i."""
+        nodes = torch.arange(1, self.k + 1, dtype=torch.float64)  # (k,)
+        powers = torch.arange(self.r, dtype=torch.float64)  # (r,)
+        return (nodes[None, :] ** powers[:, None]).to(dtype)  # (r, k)

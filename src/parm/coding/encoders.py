@@ -1,0 +1,88 @@
+"""Encoders: build the parity query (or queries) of a coding group. Pure tensor code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parm.coding.config import CodeConfig
+from parm.errors import ShapeError
+
+
+def _check_group_shape(config: CodeConfig, x: torch.Tensor) -> None:
+    if x.dim() < 3:
+        raise ShapeError(
+            f"encoder input must be (groups, k, *query_shape); got shape {tuple(x.shape)}",
+            expected="(G, k, ...)", got=tuple(x.shape),
+        )
+    if x.shape[1] != config.k:
+        raise ShapeError(
+            f"encoder input has {x.shape[1]} queries per group but the code has k={config.k}; "
+            f"shape {tuple(x.shape)}",
+            expected=config.k, got=x.shape[1],
+        )
+    if not torch.is_floating_point(x):
+        raise ShapeError(
+            f"encoder input must be a floating-point tensor; got dtype {x.dtype}",
+            expected="float", got=str(x.dtype),
+        )
+
+
+def encode_add(config: CodeConfig, x: torch.Tensor) -> torch.Tensor:
+    """P_i = Σ_j w[i, j] · X_j element-wise, for any query shape (channels stay aligned)."""
+    _check_group_shape(config, x)
+    w = config.weights(dtype=x.dtype).to(x.device)  # (r, k)
+    flat = x.reshape(x.shape[0], config.k, -1)  # (G, k, *S) -> (G, k, D)
+    parity = torch.einsum("rk,gkd->grd", w, flat)  # (G, k, D) -> (G, r, D)
+    return parity.reshape(x.shape[0], config.r, *x.shape[2:])  # (G, r, *S)
+
+
+def _tile_size(config: CodeConfig, height: int, width: int) -> tuple[int, int]:
+    if config.k == 2:
+        if width % 2:
+            raise ShapeError(
+                f"concat encoder with k=2 halves the width, which must be even; got {height}x{width}",
+                expected="even width", got=(height, width),
+            )
+        return height, width // 2
+    if height % 2 or width % 2:
+        raise ShapeError(
+            f"concat encoder with k={config.k} halves height and width, which must be even; "
+            f"got {height}x{width}",
+            expected="even height and width", got=(height, width),
+        )
+    return height // 2, width // 2
+
+
+def encode_concat(config: CodeConfig, x: torch.Tensor) -> torch.Tensor:
+    """Downsample each image (bilinear) and tile them into one image of the original size.
+
+    k = 2: side by side at half width. k = 3, 4: a 2×2 grid of half-size images in row-major
+    order (k = 3 leaves the bottom-right tile zero). Bilinear downsampling by exactly 2 is the
+    mean of each 2-pixel (or 2×2) block.
+    """
+    _check_group_shape(config, x)
+    if x.dim() != 5:
+        raise ShapeError(
+            f"concat encoder needs images (groups, k, C, H, W); got shape {tuple(x.shape)}",
+            expected="(G, k, C, H, W)", got=tuple(x.shape),
+        )
+    groups, k, channels, height, width = x.shape
+    th, tw = _tile_size(config, height, width)
+    small = F.interpolate(
+        x.reshape(groups * k, channels, height, width), size=(th, tw), mode="bilinear",
+        align_corners=False, antialias=False,
+    ).reshape(groups, k, channels, th, tw)  # (G, k, C, H, W) -> (G, k, C, th, tw)
+    out = x.new_zeros(groups, 1, channels, height, width)  # (G, 1, C, H, W)
+    cols = 2
+    for j in range(k):
+        row, col = divmod(j, cols)
+        out[:, 0, :, row * th:(row + 1) * th, col * tw:(col + 1) * tw] = small[:, j]
+    return out
+
+
+def encode(config: CodeConfig, x: torch.Tensor) -> torch.Tensor:
+    """Encode groups of k queries into r parity queries: (G, k, *S) -> (G, r, *S)."""
+    if config.encoder == "add":
+        return encode_add(config, x)
+    return encode_concat(config, x)

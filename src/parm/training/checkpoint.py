@@ -1,0 +1,228 @@
+"""Self-describing checkpoints: safetensors weights plus a JSON record.
+
+A checkpoint is a folder::
+
+    record.json                 what the model is: ModelRecord fields, incl. the weights file name
+    model-<sha256[:16]>.safetensors   the weights, named by their hash
+
+Saving writes the weights under a new name, then replaces ``record.json`` atomically, then
+removes weights no record points to. A crash at any moment leaves a record that points to
+complete weights, so a checkpoint is never half-written. Loading verifies the hash, rebuilds
+the model from the record with :func:`parm.models.build_model`, and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from parm.errors import CheckpointError, CheckpointMismatchError
+from parm.models import build_model
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+RECORD_FILE = "record.json"
+
+
+def package_version() -> str:
+    from parm import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Everything needed to rebuild and check a model. ``kind`` is 'base' or 'parity'."""
+
+    kind: str
+    arch: str
+    in_shape: tuple[int, ...]
+    num_classes: int
+    dataset: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    k: int | None = None
+    r: int | None = None
+    parity_index: int | None = None
+    encoder: str | None = None
+    base_sha256: str | None = None
+    weights_sha256: str = ""
+    weights_file: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    parm_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("base", "parity"):
+            raise CheckpointError(f"record kind must be 'base' or 'parity'; got {self.kind!r}")
+        object.__setattr__(self, "in_shape", tuple(int(s) for s in self.in_shape))
+        object.__setattr__(self, "mean", tuple(float(s) for s in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: Path) -> ModelRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = {"kind", "arch", "in_shape", "num_classes", "dataset", "mean", "std"} - set(data)
+        if missing:
+            raise CheckpointError(f"{path} lacks field(s) {sorted(missing)}; is it a ParM checkpoint?", path=path)
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has format_version {data['format_version']}, newer than this ParM "
+                f"({FORMAT_VERSION}); upgrade parm-serving to load it",
+                path=path,
+            )
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors(directory: Path, stem: str, tensors: dict[str, torch.Tensor], record: dict[str, Any],
+                 record_name: str) -> dict[str, Any]:
+    """Write tensors under a hash-named file, then the record naming it, then drop stale files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{stem}.{os.getpid()}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    digest = sha256_file(tmp)
+    name = f"{stem}-{digest[:16]}.safetensors"
+    os.replace(tmp, directory / name)
+    record = {**record, "weights_sha256": digest, "weights_file": name}
+    _write_json_atomic(directory / record_name, record)
+    for stale in directory.glob(f"{stem}-*.safetensors"):
+        if stale.name != name:
+            stale.unlink(missing_ok=True)
+    return record
+
+
+def load_tensors(directory: Path, record_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a record and the tensors it names, checking the hash."""
+    record_path = directory / record_name
+    if not record_path.exists():
+        raise CheckpointError(
+            f"no checkpoint at {directory}: {record_name} is missing (train one with "
+            f"'parm train-base' / 'parm train-parity', or check the path)",
+            path=directory,
+        )
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{record_path} is not valid JSON ({exc}); the checkpoint is damaged", path=record_path) from exc
+    weights = directory / str(record.get("weights_file", ""))
+    if not record.get("weights_file") or not weights.is_file():
+        raise CheckpointError(f"{record_path} names weights {record.get('weights_file')!r}, which are missing", path=weights)
+    actual = sha256_file(weights)
+    if actual != record.get("weights_sha256"):
+        raise CheckpointError(
+            f"{weights} has sha256 {actual} but {record_name} expects {record.get('weights_sha256')}; "
+            f"the file is damaged: retrain or restore it",
+            path=weights,
+        )
+    try:
+        tensors = load_file(str(weights))
+    except SafetensorError as exc:
+        raise CheckpointError(f"cannot read {weights}: {exc}", path=weights) from exc
+    return record, tensors
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, record: ModelRecord) -> ModelRecord:
+    """Save ``model`` with ``record`` into ``directory``; returns the record as written."""
+    data = {**record.to_json(), "parm_version": package_version(), "format_version": FORMAT_VERSION}
+    written = save_tensors(Path(directory), "model", model.state_dict(), data, RECORD_FILE)
+    log.info("saved %s checkpoint to %s", record.kind, directory)
+    return ModelRecord.from_json(written, Path(directory) / RECORD_FILE)
+
+
+def load_record(directory: str | Path) -> ModelRecord:
+    """Read only the record (no weights) of a checkpoint."""
+    path = Path(directory) / RECORD_FILE
+    if not path.exists():
+        raise CheckpointError(
+            f"no checkpoint at {directory}: {RECORD_FILE} is missing (train one with 'parm train-base' / "
+            f"'parm train-parity', or check the path)",
+            path=directory,
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged", path=path) from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; is it a ParM checkpoint?", path=path)
+    return ModelRecord.from_json(data, path)
+
+
+def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> tuple[nn.Module, ModelRecord]:
+    """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
+    directory = Path(directory)
+    load_record(directory)  # field check before touching weights
+    data, tensors = load_tensors(directory, RECORD_FILE)
+    record = ModelRecord.from_json(data, directory / RECORD_FILE)
+    model = build_model(record.arch, record.in_shape, record.num_classes)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointMismatchError(
+            f"weights in {directory} do not fit architecture {record.arch!r}: {exc}",
+            field="arch", expected=record.arch, got="weights of another architecture", path=directory,
+        ) from exc
+    return model.to(map_location).eval(), record
+
+
+def check_parity_matches(base: ModelRecord, parity: ModelRecord, **expected: Any) -> None:
+    """Raise CheckpointMismatchError naming the first field where ``parity`` does not fit.
+
+    ``base`` must be the base record the parity model was trained for (by weights hash); each
+    keyword (k=2, encoder='add', ...) must equal the parity record's field of that name.
+    """
+    if parity.kind != "parity":
+        raise CheckpointMismatchError(
+            f"expected a parity checkpoint; got kind={parity.kind!r}", field="kind", expected="parity", got=parity.kind
+        )
+    if parity.base_sha256 != base.weights_sha256:
+        raise CheckpointMismatchError(
+            f"parity model was trained for base weights {str(parity.base_sha256)[:16]}…, not for this base "
+            f"model ({base.weights_sha256[:16]}…); train a parity model for this base with 'parm train-parity'",
+            field="base_sha256", expected=base.weights_sha256, got=parity.base_sha256,
+        )
+    for name in ("dataset", "num_classes", "in_shape"):
+        if getattr(parity, name) != getattr(base, name):
+            raise CheckpointMismatchError(
+                f"parity {name}={getattr(parity, name)!r} differs from base {name}={getattr(base, name)!r}",
+                field=name, expected=getattr(base, name), got=getattr(parity, name),
+            )
+    for name, want in expected.items():
+        if want is not None and getattr(parity, name) != want:
+            raise CheckpointMismatchError(
+                f"parity checkpoint has {name}={getattr(parity, name)!r} but {name}={want!r} was asked for",
+                field=name, expected=want, got=getattr(parity, name),
+            )

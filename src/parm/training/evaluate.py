@@ -1,0 +1,77 @@
+"""evaluate: available and degraded-mode accuracy of a base model and its parity models."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parm.coding import CodeConfig
+from parm.data.groups import fixed_groups
+from parm.training.checkpoint import check_parity_matches, load_checkpoint
+from parm.training.config import ParityConfig
+from parm.training.metrics import default_top1, topk_correct
+from parm.training.parity import load_coded_split, reconstruction_metrics
+
+EVAL_GROUP_SEED = 0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy of one (base, parity) pair on a split; degraded metrics average over every
+    test group and every erased position."""
+
+    dataset: str
+    model: str
+    parity_model: str
+    k: int
+    r: int
+    parity_index: int
+    encoder: str
+    split: str
+    available_top1: float
+    degraded_top1: float
+    degraded_top5: float
+    reconstruction_top1: float
+    default_top1: float
+    num_test_groups: int
+    num_test_samples: int
+    base: str
+    parity: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def evaluate(
+    base_dir: str | Path,
+    parity_dirs: list[str | Path],
+    *,
+    split: str = "test",
+    data_root: str | Path | None = None,
+    download: bool = False,
+    cache_dir: str | Path | None = None,
+) -> list[EvalResult]:
+    """One EvalResult per parity checkpoint; each must have been trained for ``base_dir``."""
+    _, base, data, coded = load_coded_split(base_dir, split, data_root=data_root, download=download,
+                                            cache_dir=cache_dir)
+    available = topk_correct(coded.outputs, coded.labels).float().mean().item()
+    default = default_top1(coded.labels, base.num_classes)
+    results = []
+    for parity_dir in parity_dirs:
+        model, record = load_checkpoint(parity_dir)
+        check_parity_matches(base, record)
+        assert record.k is not None and record.r is not None and record.encoder is not None
+        parity = ParityConfig(CodeConfig(record.k, record.r, record.encoder), record.parity_index or 0, record.arch)
+        groups = fixed_groups(torch.arange(len(coded.images)), record.k, EVAL_GROUP_SEED)  # (G, k)
+        metrics = reconstruction_metrics(parity, model, coded, groups)
+        results.append(EvalResult(
+            dataset=base.dataset, model=base.arch, parity_model=record.arch, k=record.k, r=record.r,
+            parity_index=parity.parity_index, encoder=record.encoder, split=split, available_top1=available,
+            default_top1=default, num_test_groups=len(groups), num_test_samples=len(coded.images),
+            base=str(base_dir), parity=str(parity_dir), **metrics,
+        ))
+    return results

@@ -1,0 +1,193 @@
+"""The epoch loop shared by base and parity training: LR schedule, NaN guard, best-epoch
+selection, and resumable state.
+
+Resume state lives in ``<out>/resume/`` (``state.json`` + hash-named safetensors, written
+atomically like a checkpoint): model and Adam tensors, the sampling generator's state, the
+epoch reached, the best score so far and the history. Running the same command again
+continues after the last finished epoch; a different configuration is refused by field.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from parm.errors import CheckpointMismatchError, NonFiniteLossError
+from parm.training.checkpoint import load_tensors, save_tensors
+from parm.training.config import OptimConfig
+
+log = logging.getLogger(__name__)
+
+STATE_RECORD = "state.json"
+Batches = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def lr_at(step: int, total_steps: int, peak_lr: float, schedule: str) -> float:
+    """Learning rate at ``step`` of ``total_steps``: constant, cosine decay, or one-cycle
+    (30% cosine warm-up from peak/25, then cosine decay to peak/2.5e5)."""
+    if schedule == "constant":
+        return peak_lr
+    t = min(step / max(total_steps, 1), 1.0)
+    if schedule == "cosine":
+        return peak_lr * 0.5 * (1 + math.cos(math.pi * t))
+    warm, start, end = 0.3, peak_lr / 25, peak_lr / 25 / 1e4
+    if t < warm:
+        return start + (peak_lr - start) * 0.5 * (1 - math.cos(math.pi * t / warm))
+    return end + (peak_lr - end) * 0.5 * (1 + math.cos(math.pi * (t - warm) / (1 - warm)))
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    epochs_run: int = 0
+
+
+@dataclass
+class FitSpec:
+    """What ``fit`` needs besides the model: data, loss, validation, saving, identity."""
+
+    optim: OptimConfig
+    steps_per_epoch: int
+    batches: Batches
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    validate: Callable[[nn.Module], dict[str, float]]  # must return a 'score' (higher is better)
+    save_best: Callable[[nn.Module, dict[str, float]], None]
+    state_dir: Path
+    fingerprint: dict[str, Any]  # resuming requires an identical fingerprint (optim is added to it)
+    best_path: Path
+    progress: bool = True
+    desc: str = "train"
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    sd = opt.state_dict()
+    tensors = {
+        f"optim.{pid}.{name}": (value if torch.is_tensor(value) else torch.tensor(value))
+        for pid, state in sd["state"].items()
+        for name, value in state.items()
+    }
+    return tensors, sd["param_groups"]
+
+
+def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _fused_ok(model: nn.Module) -> bool:
+    """The fused Adam kernel (one op for all parameters) when every parameter is a float tensor
+    on a device that has it; the reference implementation otherwise."""
+    params = list(model.parameters())
+    return bool(params) and all(p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda")
+                                for p in params)
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """Adam with the config's LR and weight decay (fused kernel where possible)."""
+    return torch.optim.Adam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=_fused_ok(model))
+
+
+class _Fitter:
+    def __init__(self, model: nn.Module, spec: FitSpec) -> None:
+        self.model, self.spec = model, spec
+        self.opt = make_optimizer(model, spec.optim)
+        self.gen = torch.Generator().manual_seed(spec.optim.seed)
+        self.total_steps = spec.optim.epochs * spec.steps_per_epoch
+        self.epoch = 0
+        self.result = FitResult(best_epoch=-1, best_metrics={"score": -math.inf})
+        self.fingerprint = {**spec.fingerprint, **spec.optim.to_json()}
+
+    def save_state(self) -> None:
+        opt_tensors, groups = _optim_tensors(self.opt)
+        tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **opt_tensors,
+                   "rng": self.gen.get_state()}
+        record = {"epoch": self.epoch, "best_epoch": self.result.best_epoch, "best_metrics": self.result.best_metrics,
+                  "history": self.result.history, "param_groups": groups, "fingerprint": self.fingerprint}
+        save_tensors(self.spec.state_dir, "state", tensors, record, STATE_RECORD)
+
+    def try_resume(self) -> None:
+        if not (self.spec.state_dir / STATE_RECORD).exists():
+            return
+        record, tensors = load_tensors(self.spec.state_dir, STATE_RECORD)
+        for name, want in self.fingerprint.items():
+            got = record["fingerprint"].get(name)
+            if got != want:
+                raise CheckpointMismatchError(
+                    f"{self.spec.state_dir} holds a run with {name}={got!r} but this run has {name}={want!r}; "
+                    f"use another --out folder (or delete that one) to start afresh",
+                    field=name, expected=want, got=got, path=self.spec.state_dir,
+                )
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_optim(self.opt, tensors, record["param_groups"])
+        self.gen.set_state(tensors["rng"])
+        self.epoch = int(record["epoch"])
+        self.result = FitResult(best_epoch=record["best_epoch"], best_metrics=record["best_metrics"],
+                                history=record["history"])
+        log.info("resuming %s after epoch %d (best so far: epoch %d)", self.spec.desc, self.epoch, self.result.best_epoch)
+
+    def run_epoch(self) -> float:
+        self.model.train()
+        total, count = 0.0, 0
+        for step, (inputs, targets) in enumerate(self.spec.batches(self.gen)):
+            global_step = self.epoch * self.spec.steps_per_epoch + step
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(global_step, self.total_steps, self.spec.optim.lr, self.spec.optim.schedule)
+            loss = self.spec.loss_fn(self.model(inputs), targets)
+            value = loss.item()
+            if not math.isfinite(value):
+                self._non_finite(value, step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total, count = total + value, count + 1
+        return total / max(count, 1)
+
+    def _non_finite(self, value: float, step: int) -> None:
+        kept = self.spec.best_path if self.result.best_epoch >= 0 else None
+        where = f"the last good checkpoint is kept at {kept} (epoch {self.result.best_epoch + 1})" if kept else "nothing was saved"
+        raise NonFiniteLossError(
+            f"training loss became {value} at epoch {self.epoch + 1}, step {step}; stopped, {where}. "
+            f"Lower --lr or check the inputs for NaN/inf.",
+            epoch=self.epoch + 1, step=step, last_good=kept,
+        )
+
+    def end_epoch(self, loss: float) -> dict[str, float]:
+        metrics = {"epoch": self.epoch, "train_loss": loss, **self.spec.validate(self.model)}
+        self.result.history.append(metrics)
+        if metrics["score"] > self.result.best_metrics["score"]:
+            self.result.best_epoch, self.result.best_metrics = self.epoch, metrics
+            self.spec.save_best(self.model, metrics)
+        self.epoch += 1
+        self.save_state()
+        return metrics
+
+
+def fit(model: nn.Module, spec: FitSpec) -> FitResult:
+    """Train ``model`` for ``spec.optim.epochs`` epochs (resuming if state exists)."""
+    fitter = _Fitter(model, spec)
+    fitter.try_resume()
+    start = fitter.epoch
+    bar = tqdm(total=spec.optim.epochs, initial=start, desc=spec.desc, disable=not spec.progress, unit="epoch")
+    try:
+        while fitter.epoch < spec.optim.epochs:
+            metrics = fitter.end_epoch(fitter.run_epoch())
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4g}", val=f"{metrics['score']:.4f}",
+                            best=f"{fitter.result.best_metrics['score']:.4f}")
+            bar.update(1)
+    finally:
+        bar.close()
+    fitter.result.epochs_run = fitter.epoch - start
+    return fitter.result

@@ -1,0 +1,36 @@
+"""Model outputs over a whole split, computed in chunks and cached by model hash."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from parm.data import ArrayDataset
+from parm.data.cache import OutputCache, resolve_cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """images (N, *S) -> raw outputs (N, C), in eval mode, chunk by chunk."""
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def cached_outputs(
+    model: nn.Module, weights_sha256: str, data: ArrayDataset, split: str, cache_dir: str | Path | None = None,
+) -> torch.Tensor:
+    """Outputs (N, C) of the model with hash ``weights_sha256`` on ``data``; computed once."""
+    cache = OutputCache(resolve_cache_dir(cache_dir))
+    key = f"{weights_sha256[:24]}-{data.name.replace('/', '_').replace(':', '_')}-{split}-{len(data)}"
+    outputs = cache.get(key)
+    if outputs is not None and outputs.shape[0] == len(data):
+        log.info("base outputs for %s/%s read from cache %s", data.name, split, cache.directory)
+        return outputs
+    outputs = model_outputs(model, data.float_images())
+    cache.put(key, outputs)
+    return outputs

@@ -1,0 +1,168 @@
+"""train_parity: learn F_P so that F_P(E(X_1..X_k)) ≈ Σ_j w_j F(X_j) for a frozen base model F.
+
+Data path: dataset -> frozen base model -> cached base outputs (N, C) -> groups of k re-drawn
+every epoch -> encoder -> parity model -> MSE against the weighted sum of base outputs.
+Everything stays as tensors in memory; a step is a handful of indexing ops, no per-sample
+Python. The epoch kept is the one with the best validation reconstruction accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from parm.coding import encode, reconstruct_each
+from parm.data import ArrayDataset, load_dataset, train_val_split
+from parm.data.groups import fixed_groups, sample_groups
+from parm.errors import ConfigError
+from parm.models import build_model
+from parm.training.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
+from parm.training.config import OptimConfig, ParityConfig
+from parm.training.loop import FitSpec, fit
+from parm.training.metrics import degraded_metrics
+from parm.training.outputs import cached_outputs
+
+log = logging.getLogger(__name__)
+
+VAL_GROUP_SEED = 1
+
+
+@dataclass(frozen=True)
+class CodedData:
+    """Inputs and base outputs of one split, ready to be grouped: images (N, *S), outputs (N, C)."""
+
+    images: torch.Tensor
+    outputs: torch.Tensor
+    labels: torch.Tensor
+
+
+def parity_targets(parity: ParityConfig, outputs: torch.Tensor) -> torch.Tensor:
+    """outputs (G, k, C) -> Σ_j w[i, j] outputs[:, j] (G, C) for parity i."""
+    w = parity.code.weights(outputs.dtype)[parity.parity_index]  # (k,)
+    return torch.einsum("k,gkc->gc", w, outputs)
+
+
+def parity_inputs(parity: ParityConfig, images: torch.Tensor) -> torch.Tensor:
+    """images (G, k, *S) -> the parity query of parity i, (G, *S)."""
+    return encode(parity.code, images)[:, parity.parity_index]
+
+
+def _batches(parity: ParityConfig, data: CodedData, batch_groups: int, encode_chunk: int = 4096):
+    """Each epoch: draw groups, encode all of them at once, then yield contiguous slices.
+
+    Encoding the epoch in a few large ops (not per step) keeps a step down to forward,
+    backward and the optimiser: (G, *S) parity inputs and (G, C) targets per epoch.
+    """
+    def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        groups = sample_groups(torch.arange(len(data.images)), parity.code.k, gen)  # (G, k)
+        inputs = torch.cat([parity_inputs(parity, data.images[groups[i:i + encode_chunk]])
+                            for i in range(0, len(groups), encode_chunk)])  # (G, *S)
+        targets = parity_targets(parity, data.outputs[groups])  # (G, C)
+        for i in range(0, len(groups), batch_groups):
+            yield inputs[i:i + batch_groups], targets[i:i + batch_groups]
+    return batches
+
+
+@torch.inference_mode()
+def reconstruction_metrics(
+    parity: ParityConfig, model: torch.nn.Module, data: CodedData, groups: torch.Tensor, batch_groups: int = 1024,
+) -> dict[str, float]:
+    """Degraded-mode metrics over every group (G, k) of ``data`` and every erased position."""
+    model.eval()
+    parity_out = torch.cat([
+        model(parity_inputs(parity, data.images[groups[i:i + batch_groups]]))
+        for i in range(0, len(groups), batch_groups)
+    ])  # (G, C)
+    base_out = data.outputs[groups]  # (G, k, C)
+    recon = reconstruct_each(parity.code, base_out, parity_out, parity.parity_index)  # (G, k, C)
+    return degraded_metrics(recon, base_out, data.labels[groups])
+
+
+def _init_parity_model(parity: ParityConfig, base_record: ModelRecord, base_model: torch.nn.Module) -> torch.nn.Module:
+    arch = parity.arch or base_record.arch
+    model = build_model(arch, base_record.in_shape, base_record.num_classes)
+    if parity.init == "base":
+        if arch != base_record.arch:
+            raise ConfigError(
+                f"init='base' copies the base weights, so the parity architecture must be the base's "
+                f"({base_record.arch!r}); got {arch!r}. Use init='scratch' for another architecture.",
+                field="init", value=parity.init,
+            )
+        model.load_state_dict(base_model.state_dict())
+    return model
+
+
+def _parity_record(parity: ParityConfig, base: ModelRecord, optim: OptimConfig, recipe: str,
+                   metrics: dict[str, float]) -> ModelRecord:
+    return ModelRecord(
+        kind="parity", arch=parity.arch or base.arch, in_shape=base.in_shape, num_classes=base.num_classes,
+        dataset=base.dataset, mean=base.mean, std=base.std, k=parity.code.k, r=parity.code.r,
+        parity_index=parity.parity_index, encoder=parity.code.encoder, base_sha256=base.weights_sha256,
+        metrics=metrics, config={"recipe": recipe, "optim": optim.to_json(), "parity": parity.to_json()},
+    )
+
+
+def load_coded_split(
+    base_dir: str | Path, split: str, *, data_root: str | Path | None = None, download: bool = False,
+    cache_dir: str | Path | None = None,
+) -> tuple[torch.nn.Module, ModelRecord, ArrayDataset, CodedData]:
+    """Base model, its record, and a split of its dataset with cached base outputs."""
+    base_model, base = load_checkpoint(base_dir)
+    data = load_dataset(base.dataset, split, data_root=data_root, download=download)
+    outputs = cached_outputs(base_model, base.weights_sha256, data, split, cache_dir)
+    return base_model, base, data, CodedData(data.float_images(), outputs, data.labels)
+
+
+def train_parity(
+    base_dir: str | Path,
+    out: str | Path,
+    parity: ParityConfig,
+    optim: OptimConfig,
+    *,
+    recipe: str = "custom",
+    data_root: str | Path | None = None,
+    download: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ModelRecord:
+    """Train the parity model for the base checkpoint at ``base_dir``; save the best epoch to ``out``.
+
+    Returns the saved record; its metrics hold the validation metrics of the best epoch.
+    Running again with the same ``out`` and configuration resumes an interrupted run.
+    """
+    out = Path(out)
+    base_model, base, _, full = load_coded_split(base_dir, "train", data_root=data_root, download=download,
+                                                 cache_dir=cache_dir)
+    base_optim = base.config.get("optim", {})
+    train_idx, val_idx = train_val_split(len(full.images), base_optim.get("val_size", optim.val_size),
+                                         base_optim.get("seed", optim.seed))
+    train = CodedData(full.images[train_idx], full.outputs[train_idx], full.labels[train_idx])
+    val = CodedData(full.images[val_idx], full.outputs[val_idx], full.labels[val_idx])
+    val_groups = fixed_groups(torch.arange(len(val.images)), parity.code.k, VAL_GROUP_SEED)  # (Gv, k)
+    torch.manual_seed(optim.seed)
+    model = _init_parity_model(parity, base, base_model)
+
+    def validate(m: torch.nn.Module) -> dict[str, float]:
+        metrics = reconstruction_metrics(parity, m, val, val_groups)
+        return {"score": metrics["reconstruction_top1"], **{f"val_{k}": v for k, v in metrics.items()}}
+
+    def save_best(m: torch.nn.Module, metrics: dict[str, float]) -> None:
+        save_checkpoint(out, m, _parity_record(parity, base, optim, recipe, {**metrics, "best_epoch": metrics["epoch"] + 1}))
+
+    spec = FitSpec(
+        optim=optim, steps_per_epoch=math.ceil((len(train.images) // parity.code.k) / optim.batch_size),
+        batches=_batches(parity, train, optim.batch_size), loss_fn=F.mse_loss, validate=validate,
+        save_best=save_best, state_dir=out / "resume",
+        fingerprint={"kind": "parity", "base_sha256": base.weights_sha256, **parity.to_json()},
+        best_path=out, progress=progress, desc=f"train-parity k={parity.code.k} {parity.code.encoder}",
+    )
+    result = fit(model, spec)
+    log.info("parity k=%d %s: best epoch %d, val reconstruction accuracy %.4f",
+             parity.code.k, parity.code.encoder, result.best_epoch + 1, result.best_metrics["score"])
+    return load_checkpoint(out)[1]
