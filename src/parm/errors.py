@@ -13,8 +13,13 @@ and what to do about it.
      │    └── ChecksumError                      a file's checksum differs: path, expected, actual
      ├── CheckpointError                         a checkpoint is missing, partial or unreadable: path
      │    └── CheckpointMismatchError            a checkpoint does not fit its use: field, expected, got
-     └── TrainingError                           training cannot go on
-          └── NonFiniteLossError                 loss became NaN/inf: epoch, step, last_good
+     ├── TrainingError                           training cannot go on
+     │    └── NonFiniteLossError                 loss became NaN/inf: epoch, step, last_good
+     └── ServingError                            a query could not be served
+          ├── BadQueryError       (also ValueError)  the query is malformed: field          -> HTTP 400/422
+          ├── OverloadedError                    queue or body limit reached: limit         -> HTTP 429/503
+          ├── DeadlineExceededError              no answer within the deadline: deadline_s  -> HTTP 504
+          └── InstanceFailedError                an instance died or stopped answering: instance
 """
 
 from __future__ import annotations
@@ -98,3 +103,41 @@ class NonFiniteLossError(TrainingError):
         self.epoch = epoch
         self.step = step
         self.last_good = None if last_good is None else Path(last_good)
+
+
+class ServingError(ParmError):
+    """A query could not be served."""
+
+
+class BadQueryError(ServingError, ValueError):
+    """The query is malformed (shape, dtype, values, encoding); ``status`` is 400 or 422."""
+
+    def __init__(self, message: str, *, field: str | None = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+
+class OverloadedError(ServingError):
+    """The server refuses work it could not finish in time (queue or size limit reached)."""
+
+    def __init__(self, message: str, *, limit: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.status = status
+
+
+class DeadlineExceededError(ServingError):
+    """No answer (original, reconstructed or retried) arrived within the query's deadline."""
+
+    def __init__(self, message: str, *, deadline_s: float) -> None:
+        super().__init__(message)
+        self.deadline_s = deadline_s
+
+
+class InstanceFailedError(ServingError):
+    """A model instance died or stopped answering."""
+
+    def __init__(self, message: str, *, instance: int) -> None:
+        super().__init__(message)
+        self.instance = instance

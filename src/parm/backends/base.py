@@ -1,0 +1,88 @@
+"""The Backend interface: how the frontend reaches model instances, whatever the transport.
+
+A backend owns a fixed list of instances (``InstanceSpec``: id, role, model). The frontend
+``send``s work to one instance at a time (at most a few in flight per instance, which the
+frontend enforces) and learns about outcomes only through the callbacks it passes to
+``start``: a result (or a model error) per work item, an instance's failure (its process died,
+or the frontend ``kill``ed it after it stopped answering), and an instance becoming ready
+again after a restart. All callbacks run on the frontend's event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from parm.errors import ConfigError
+
+ROLES: tuple[str, ...] = ("data", "parity", "cheap")
+
+OnResult = Callable[[int, int, "torch.Tensor | None", "str | None"], None]  # instance, work, output, error
+OnFailure = Callable[[int, str], None]  # instance, reason
+OnReady = Callable[[int], None]  # instance
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What an instance runs: a checkpoint folder, or ``module:function(**kwargs)`` (tests, benchmarks)."""
+
+    checkpoint: str | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.factory is None):
+            raise ConfigError("ModelRef needs exactly one of checkpoint= or factory=", field="model", value=self)
+
+    def build(self) -> nn.Module:
+        if self.checkpoint is not None:
+            from parm.training.checkpoint import load_checkpoint
+
+            return load_checkpoint(self.checkpoint)[0]
+        module_name, _, attr = str(self.factory).partition(":")
+        return getattr(importlib.import_module(module_name), attr)(**self.kwargs).eval()
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One model instance: its id (position in the backend's list), role and model."""
+
+    instance_id: int
+    role: str
+    model: ModelRef
+    emulated_ms: float = 0.0  # extra service time per batch, emulating an accelerator (documented as such)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"instance role must be one of {ROLES}; got {self.role!r}", field="role", value=self.role)
+
+
+class Backend(abc.ABC):
+    """Transport between the frontend and its model instances (see module docstring)."""
+
+    instances: list[InstanceSpec]
+
+    @abc.abstractmethod
+    async def start(self, on_result: OnResult, on_failure: OnFailure, on_ready: OnReady) -> None:
+        """Start every instance and return when all are ready to take work."""
+
+    @abc.abstractmethod
+    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor) -> None:
+        """Hand ``inputs`` (B, *S) to the instance; the outcome arrives through a callback."""
+
+    @abc.abstractmethod
+    def healthy(self, instance_id: int) -> bool:
+        """True while the instance is up and accepting work."""
+
+    @abc.abstractmethod
+    def kill(self, instance_id: int, reason: str) -> None:
+        """Stop the instance at once (it is restarted; on_failure reports the kill)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop every instance and release everything; no callback fires afterwards."""

@@ -1,0 +1,99 @@
+"""The worker loop every instance runs, whatever the transport.
+
+Requests are ``(work_id, payload bytes, shape)`` float32 tensors; replies are
+``("ok", work_id, payload, shape)`` or ``("err", work_id, message)``. Faults from
+``parm.faults`` are applied here, at the instance: a batch takes ``service_time_s`` (compute
+time × the active slowdown + random extra delay), a crash exits the process, a stall keeps it
+alive and silent. A fault whose time has already passed when the process starts (a restarted
+instance) does not fire again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from parm.backends.base import InstanceSpec
+
+log = logging.getLogger(__name__)
+
+
+class Channel(Protocol):
+    def send(self, obj: Any) -> None: ...
+    def recv(self) -> Any: ...
+    def poll(self, timeout: float | None = None) -> bool: ...
+
+
+class ModelRunner:
+    """Runs one batch through the instance's model, applying faults and emulated time."""
+
+    def __init__(self, spec: InstanceSpec, faults: Any | None, t0_wall_s: float) -> None:
+        torch.set_num_threads(1)
+        self.spec, self.faults, self.t0_wall_s = spec, faults, t0_wall_s
+        self.model = spec.model.build()
+        started = self.now_s()
+        crash = getattr(faults, "crash_at_s", None)
+        self.crash_at_s = crash if crash is not None and crash > started else None
+        self.started_s = started
+        self.seq = 0
+
+    def now_s(self) -> float:
+        return time.time() - self.t0_wall_s
+
+    def stalled(self) -> bool:
+        if self.faults is None:
+            return False
+        window = self.faults.stall_window(self.now_s())
+        return window is not None and window[0] >= self.started_s
+
+    @torch.inference_mode()
+    def run(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+        start = time.perf_counter()
+        x = torch.from_numpy(np.frombuffer(payload, dtype=np.float32).reshape(shape).copy())  # (B, *S)
+        out = self.model(x).float().numpy()  # (B, C)
+        compute_s = time.perf_counter() - start
+        target_s = compute_s + self.spec.emulated_ms / 1e3
+        if self.faults is not None:
+            target_s = self.faults.service_time_s(self.now_s(), target_s, self.seq)
+        self.seq += 1
+        remaining = target_s - (time.perf_counter() - start)
+        if remaining > 0:
+            time.sleep(remaining)
+        return out
+
+
+def _wait_for_request(conn: Channel, runner: ModelRunner) -> bool:
+    """Block until a request arrives; exit the process if the crash time comes first."""
+    while runner.crash_at_s is not None:
+        if conn.poll(max(0.0, runner.crash_at_s - runner.now_s())):
+            return True
+        if runner.now_s() >= runner.crash_at_s:
+            log.warning("instance %d: injected crash", runner.spec.instance_id)
+            os._exit(17)
+    return True
+
+
+def serve_forever(conn: Channel, spec: InstanceSpec, faults: Any | None, t0_wall_s: float) -> None:
+    """The worker loop: load the model, say ready, answer requests until told to stop."""
+    runner = ModelRunner(spec, faults, t0_wall_s)
+    conn.send(("ready", spec.instance_id, os.getpid()))
+    while _wait_for_request(conn, runner):
+        msg = conn.recv()
+        if msg is None:
+            return
+        work_id, payload, shape = msg
+        if runner.crash_at_s is not None and runner.now_s() >= runner.crash_at_s:
+            os._exit(17)
+        while runner.stalled():  # alive but silent: the frontend has to notice and kill us
+            time.sleep(0.05)
+        try:
+            out = runner.run(payload, shape)
+        except Exception as exc:  # a model error answers this batch with an error, the worker lives on
+            conn.send(("err", work_id, f"{type(exc).__name__}: {exc}"))
+            continue
+        conn.send(("ok", work_id, out.tobytes(), out.shape))

@@ -1,0 +1,44 @@
+"""Fault injection at a model instance: specs, parsing, and per-instance schedules.
+
+A serving mode parses a :class:`FaultSpec` (CLI grammar via :func:`parse_fault_spec`, TOML via
+:func:`load_fault_spec`), builds one :class:`InstanceFaults` per instance with
+:meth:`InstanceFaults.build`, and sends it to that instance's worker process, which asks it,
+before answering each batch, how long the batch takes and whether to crash or stall.
+Schedules depend only on (spec, seed, instance index, time since the run started), so every
+serving mode sees the same faults.
+"""
+
+from parm.faults.grammar import FAULT_SPEC_HELP, load_fault_spec, parse_fault_spec
+from parm.faults.schedule import InstanceFaults
+from parm.faults.spec import (
+    DISTS,
+    FAULT_KINDS,
+    Crash,
+    Fault,
+    FaultSpec,
+    RandomDelay,
+    SlowEpisodes,
+    Stall,
+    Straggler,
+    fault_spec_from_dict,
+)
+from parm.faults.summary import format_summary, summarize
+
+__all__ = [
+    "DISTS",
+    "FAULT_KINDS",
+    "FAULT_SPEC_HELP",
+    "Crash",
+    "Fault",
+    "FaultSpec",
+    "InstanceFaults",
+    "RandomDelay",
+    "SlowEpisodes",
+    "Stall",
+    "Straggler",
+    "fault_spec_from_dict",
+    "format_summary",
+    "load_fault_spec",
+    "parse_fault_spec",
+    "summarize",
+]

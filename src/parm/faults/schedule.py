@@ -1,0 +1,243 @@
+"""One instance's fault schedule: what a worker asks before answering a batch.
+
+:meth:`InstanceFaults.build` turns a :class:`~parm.faults.spec.FaultSpec` into a picklable,
+precomputed schedule for one instance. Every answer depends only on (spec, instance index,
+time since the run started ``t_s``) — never on how many batches the instance has served — so
+the same seeded spec injects the same faults in every serving mode. The one exception is the
+per-batch random delay, drawn from the batch's per-instance sequence number.
+
+Seeding scheme (all streams are independent of each other and of the horizon):
+
+- slow episodes of the fault at position ``p`` in ``spec.faults`` on instance ``i``:
+  ``numpy.random.default_rng(SeedSequence(spec.seed, spawn_key=(i, p, 0)))``; inter-arrival
+  gaps are ``-log1p(-u) / rate_hz`` for ``u = rng.random(4096)`` drawn in fixed chunks, so a
+  longer horizon extends a shorter one's episodes exactly.
+- the delay fault at position ``p`` on instance ``i`` gets a 16-byte key
+  ``SeedSequence(spec.seed, spawn_key=(i, p, 1)).generate_state(4, uint32)``; batch ``n``'s
+  draw is ``blake2b(n as 8 little-endian bytes, key=key, digest_size=16)``, read as two
+  little-endian 64-bit words whose top 53 bits give uniforms u1, u2 (a counter-based stream:
+  ~1 µs per batch, a pure function of n). ``u1 < prob`` decides whether the batch is delayed;
+  u2 sets the delay (``exp``: ``-mean·log1p(-u2)``; ``uniform``: ``2·mean·u2``; ``const``: mean).
+
+Overlapping episodes of one ``slow`` fault merge (the instance is under that load or not);
+factors of different faults (slow episodes, stragglers) multiply. Episodes are generated up
+to ``horizon_s``: later times see no episodes, so build with a horizon longer than the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from parm.errors import ConfigError
+from parm.faults.spec import Crash, FaultSpec, RandomDelay, SlowEpisodes, Stall, Straggler
+
+log = logging.getLogger(__name__)
+
+_STREAM_SLOW = 0
+_STREAM_DELAY = 1
+_CHUNK = 4096  # uniforms drawn per step; fixed so episodes do not depend on the horizon
+_MAX_EPISODES = 10_000_000
+_U53 = 2.0**-53
+
+
+def _poisson_starts(rng: np.random.Generator, rate_hz: float, horizon_s: float) -> np.ndarray:
+    """Arrival times in [0, horizon_s) of a Poisson process of ``rate_hz``: shape (n,)."""
+    parts, last_s = [], 0.0
+    while last_s < horizon_s:
+        gaps_s = -np.log1p(-rng.random(_CHUNK)) / rate_hz  # (CHUNK,)
+        times_s = last_s + np.cumsum(gaps_s)  # (CHUNK,)
+        parts.append(times_s)
+        last_s = float(times_s[-1])
+    starts_s = np.concatenate(parts)  # (n_drawn,)
+    return starts_s[starts_s < horizon_s]  # (n,)
+
+
+def _merge_fixed(starts_s: np.ndarray, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Union of [s, s + duration) for sorted starts: (blocks,), (blocks,). Ends stay sorted
+    because every interval has the same length, so a block ends where the next start is later
+    than the previous end."""
+    if starts_s.size == 0:
+        return starts_s, starts_s
+    ends_s = starts_s + duration_s  # (n,)
+    gap = starts_s[1:] > ends_s[:-1]  # (n-1,) True where a new block begins
+    first = np.concatenate(([True], gap))  # (n,)
+    last = np.concatenate((gap, [True]))  # (n,)
+    return starts_s[first], ends_s[last]
+
+
+@dataclass(frozen=True)
+class _SlowTimeline:
+    """Merged episodes of one ``slow`` fault on one instance: [starts_s[j], ends_s[j])."""
+
+    factor: float
+    starts_s: array = field(repr=False)  # array('d'), sorted
+    ends_s: array = field(repr=False)  # array('d'), sorted, ends_s[j] < starts_s[j + 1]
+    raw_count: int = 0  # episodes before merging
+
+    def active(self, t_s: float) -> bool:
+        j = bisect_right(self.starts_s, t_s) - 1
+        return j >= 0 and t_s < self.ends_s[j]
+
+    @classmethod
+    def build(
+        cls, fault: SlowEpisodes, seed: int, instance: int, position: int, horizon_s: float
+    ) -> _SlowTimeline:
+        expected = fault.rate_hz * horizon_s
+        if expected > _MAX_EPISODES:
+            raise ConfigError(
+                f"slow: rate_hz*horizon_s = {fault.rate_hz}*{horizon_s} = {expected:.3g} episodes, over "
+                f"{_MAX_EPISODES:,}; shorten horizon_s or lower rate_hz", field="horizon_s", value=horizon_s,
+            )
+        ss = np.random.SeedSequence(seed, spawn_key=(instance, position, _STREAM_SLOW))
+        rng = np.random.default_rng(ss)
+        raw = _poisson_starts(rng, fault.rate_hz, horizon_s)  # (n,)
+        starts_s, ends_s = _merge_fixed(raw, fault.duration_s)
+        return cls(fault.factor, array("d", starts_s.tolist()), array("d", ends_s.tolist()), int(raw.size))
+
+
+@dataclass(frozen=True)
+class _DelayStream:
+    """One ``delay`` fault on one instance; the draw for batch n is a pure function of (key, n)."""
+
+    key: bytes = field(repr=False)  # 16 bytes from SeedSequence(seed, spawn_key=(instance, position, 1))
+    mean_s: float
+    dist: str
+    prob: float
+
+    @classmethod
+    def build(cls, fault: RandomDelay, seed: int, instance: int, position: int) -> _DelayStream:
+        ss = np.random.SeedSequence(seed, spawn_key=(instance, position, _STREAM_DELAY))
+        key = ss.generate_state(4, np.uint32).astype("<u4").tobytes()  # 16 bytes
+        return cls(key, fault.mean_ms / 1e3, fault.dist, fault.prob)
+
+    def sample_s(self, batch_seq: int) -> float:
+        digest = hashlib.blake2b(batch_seq.to_bytes(8, "little"), key=self.key, digest_size=16).digest()
+        if (int.from_bytes(digest[:8], "little") >> 11) * _U53 >= self.prob:
+            return 0.0
+        u = (int.from_bytes(digest[8:], "little") >> 11) * _U53  # uniform in [0, 1)
+        if self.dist == "exp":
+            return -self.mean_s * math.log1p(-u)
+        if self.dist == "uniform":
+            return 2.0 * self.mean_s * u
+        return self.mean_s
+
+
+def _merge_windows(windows: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    merged: list[tuple[float, float]] = []
+    for start_s, end_s in sorted(windows):
+        if merged and start_s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end_s))
+        else:
+            merged.append((start_s, end_s))
+    return tuple(merged)
+
+
+def _check_build_args(instance: int, horizon_s: float) -> None:
+    if isinstance(instance, bool) or not isinstance(instance, int) or instance < 0:
+        raise ConfigError(
+            f"instance must be an integer >= 0; got instance={instance!r}", field="instance", value=instance
+        )
+    if isinstance(horizon_s, bool) or not isinstance(horizon_s, (int, float)) or not 0 < horizon_s < math.inf:
+        raise ConfigError(
+            f"horizon_s must be a finite number > 0; got horizon_s={horizon_s!r}", field="horizon_s", value=horizon_s
+        )
+
+
+@dataclass(frozen=True)
+class InstanceFaults:
+    """The precomputed fault schedule of one instance (picklable; queries are O(log n)).
+
+    ``t_s`` is always seconds since the run started. A worker, before answering a batch,
+    exits if ``crash_at_s`` has passed, waits out ``stall_window(t_s)``, and takes
+    ``service_time_s(t_s, compute_s, batch_seq)`` to answer.
+    """
+
+    instance: int
+    seed: int
+    horizon_s: float
+    crash_at_s: float | None = None
+    slow: tuple[_SlowTimeline, ...] = ()
+    stragglers: tuple[tuple[float, float], ...] = ()  # (from_s, factor)
+    delays: tuple[_DelayStream, ...] = ()
+    stalls: tuple[tuple[float, float], ...] = ()  # merged (start_s, end_s); end_s = inf: forever
+
+    @classmethod
+    def build(cls, spec: FaultSpec, instance: int, horizon_s: float) -> InstanceFaults:
+        """Precompute ``instance``'s schedule for [0, horizon_s) from ``spec``."""
+        _check_build_args(instance, horizon_s)
+        seed, mine = spec.seed, spec.for_instance(instance)  # ((position, fault), ...)
+        crashes = [f.at_s for _, f in mine if isinstance(f, Crash)]
+        schedule = cls(
+            instance=instance, seed=seed, horizon_s=float(horizon_s),
+            crash_at_s=min(crashes) if crashes else None,
+            slow=tuple(
+                _SlowTimeline.build(f, seed, instance, p, horizon_s) for p, f in mine if isinstance(f, SlowEpisodes)
+            ),
+            stragglers=tuple((f.from_s, f.factor) for _, f in mine if isinstance(f, Straggler)),
+            delays=tuple(_DelayStream.build(f, seed, instance, p) for p, f in mine if isinstance(f, RandomDelay)),
+            stalls=_merge_windows([(f.at_s, f.end_s) for _, f in mine if isinstance(f, Stall)]),
+        )
+        log.debug("instance %d faults: %s", instance, schedule)
+        return schedule
+
+    @property
+    def empty(self) -> bool:
+        """True when this instance has nothing injected (the worker can skip every query)."""
+        return not (self.slow or self.stragglers or self.delays or self.stalls) and self.crash_at_s is None
+
+    def slowdown(self, t_s: float) -> float:
+        """Product of the factors active at ``t_s`` (1.0 when none)."""
+        factor = 1.0
+        for timeline in self.slow:
+            if timeline.active(t_s):
+                factor *= timeline.factor
+        for from_s, straggler_factor in self.stragglers:
+            if t_s >= from_s:
+                factor *= straggler_factor
+        return factor
+
+    def extra_delay_s(self, t_s: float, batch_seq: int) -> float:
+        """Random extra delay of this instance's batch number ``batch_seq`` (deterministic)."""
+        if not self.delays:
+            return 0.0
+        if isinstance(batch_seq, bool) or not isinstance(batch_seq, (int, np.integer)) or not 0 <= batch_seq < 2**64:
+            raise ConfigError(
+                f"batch_seq must be an integer in [0, 2**64); got batch_seq={batch_seq!r}",
+                field="batch_seq", value=batch_seq,
+            )
+        return sum(d.sample_s(int(batch_seq)) for d in self.delays)
+
+    def service_time_s(self, t_s: float, compute_s: float, batch_seq: int) -> float:
+        """How long the batch started at ``t_s`` should take: compute × slowdown + extra delay."""
+        return compute_s * self.slowdown(t_s) + self.extra_delay_s(t_s, batch_seq)
+
+    def stall_window(self, t_s: float) -> tuple[float, float] | None:
+        """The (start_s, end_s) stall window containing ``t_s`` (end_s = inf: forever), else None."""
+        for start_s, end_s in self.stalls:
+            if start_s <= t_s < end_s:
+                return (start_s, end_s)
+        return None
+
+    def stalled(self, t_s: float) -> bool:
+        """Whether the instance is silent at ``t_s``."""
+        return self.stall_window(t_s) is not None
+
+    def crashed(self, t_s: float) -> bool:
+        """Whether the instance's process should have exited by ``t_s``."""
+        return self.crash_at_s is not None and t_s >= self.crash_at_s
+
+    def episodes(self) -> list[tuple[float, float, float]]:
+        """Slow episodes (start_s, end_s, factor), merged per fault and sorted by start."""
+        out = [
+            (s, e, timeline.factor)
+            for timeline in self.slow
+            for s, e in zip(timeline.starts_s, timeline.ends_s)
+        ]
+        return sorted(out)

@@ -1,0 +1,541 @@
+"""HTTP adapter over a :class:`~parm.serving.types.PredictService`: a raw ASGI app run by uvicorn.
+
+Routes::
+
+    POST /v1/predict   {"inputs": X} -> 200 {"outputs": [{"class", "scores", "source", "latency_ms"}, ...]}
+    GET  /healthz      service.health() as JSON; 200 when its 'ok' is true, else 503
+    GET  /metrics      Prometheus text format of the frontend's registry
+
+``X`` is a list of queries (each a flat list of prod(query_shape) numbers or a nested list of exactly
+query_shape), or one object / a list of objects ``{"data": BASE64_FLOAT32_LE, "shape": [...]}`` whose
+shape is query_shape, [N, *query_shape], [prod] or [N, prod] (see :func:`parse_queries`).
+
+Errors become ``{"error": {"type": ..., "message": ..., ...}}`` here, at the edge only:
+
+=========================  ======================================================
+BadQueryError              its status (400 malformed JSON, 422 everything else)
+body over max_body_bytes   413 (checked from Content-Length and while reading)
+OverloadedError            its status (429 or 503) with ``Retry-After: 1``
+DeadlineExceededError      504
+anything else              500 with a generic message; the traceback is logged
+unknown path / method      404 / 405 (with ``Allow``)
+=========================  ======================================================
+
+Refusals are counted in ``metrics.rejected`` by reason: ``bad_query`` and ``overloaded`` count the
+request's queries when they were parsed (else 1), ``body_too_large`` counts 1 per request.
+A client that disconnects while its queries are being answered is not an error: the answer is
+computed (the frontend's coding groups stay whole) and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from parm.errors import BadQueryError, ConfigError, DeadlineExceededError, OverloadedError
+from parm.serving.metrics import ServingMetrics
+from parm.serving.types import PredictService
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_OFFLOAD_BODY_BYTES = 256 * 1024  # parse bodies larger than this in a thread, off the shared event loop
+_BASE64_KEYS = frozenset({"data", "shape"})
+
+
+# --------------------------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Per-request limits of the HTTP adapter."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_queries_per_request: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_queries_per_request"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"HttpLimits.{name} must be a positive integer; got {value!r}",
+                                  field=name, value=value)
+
+
+# -------------------------------------------------------------------------------------------- parsing
+
+
+def parse_queries(body: bytes, query_shape: tuple[int, ...], limits: HttpLimits = HttpLimits()) -> torch.Tensor:
+    """Decode a predict body into queries (N, *query_shape) float32; raise BadQueryError naming the fault.
+
+    Numbers are converted by numpy in one call per request (per query only when the request is
+    malformed or mixes flat and nested queries), so no Python work is done per number.
+    """
+    qshape = tuple(int(d) for d in query_shape)
+    inputs = _inputs_of(_load_json(body))
+    if isinstance(inputs, dict):
+        arr = _from_base64_objects([inputs], qshape, limits, single=True)
+    elif isinstance(inputs, list):
+        if not inputs:
+            raise BadQueryError("inputs is empty; send at least one query", field="inputs")
+        if isinstance(inputs[0], dict):
+            arr = _from_base64_objects(inputs, qshape, limits, single=False)
+        else:
+            arr = _from_lists(inputs, qshape, limits, body)
+    else:
+        raise BadQueryError(f"inputs is {_kind(inputs)}; expected a list of queries or a base64 object "
+                            '{"data": ..., "shape": [...]}', field="inputs")
+    return torch.from_numpy(arr)  # (N, *query_shape) float32
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nests too deeply" if isinstance(exc, RecursionError) else f"is not valid JSON ({exc})"
+        raise BadQueryError(f'body {reason}; expected a JSON object {{"inputs": [...]}}',
+                            field="body", status=400) from None
+
+
+def _inputs_of(doc: Any) -> Any:
+    if not isinstance(doc, dict):
+        raise BadQueryError(f'body is {_kind(doc)}; expected a JSON object {{"inputs": [...]}}', field="body")
+    if "inputs" not in doc:
+        raise BadQueryError('body has no "inputs" key; expected {"inputs": [query, ...]} or '
+                            '{"inputs": {"data": BASE64_FLOAT32_LE, "shape": [...]}}', field="inputs")
+    return doc["inputs"]
+
+
+def _check_count(n: int, limits: HttpLimits) -> None:
+    if n > limits.max_queries_per_request:
+        raise BadQueryError(f"too many queries: {n} > max_queries_per_request={limits.max_queries_per_request}; "
+                            "split them over several requests", field="inputs")
+
+
+def _from_lists(inputs: list, qshape: tuple[int, ...], limits: HttpLimits, body: bytes) -> np.ndarray:
+    """Queries as JSON number lists -> (N, *qshape) float32: one numpy conversion when well formed."""
+    n, size = len(inputs), math.prod(qshape)
+    _check_count(n, limits)
+    if b"true" in body or b"false" in body:  # a bool can only come from these literals; numpy would take it as 0/1
+        _reject_bools(inputs)
+    try:
+        arr = np.asarray(inputs)  # float64 / int64 when every query is well formed
+    except (ValueError, TypeError, OverflowError):  # ragged, or mixed flat and nested queries
+        arr = None
+    if arr is not None and arr.dtype.kind in "iuf" and arr.shape in ((n, size), (n, *qshape)):
+        out = _to_float32(arr).reshape(n, *qshape)  # (N, size) or (N, *qshape) -> (N, *qshape)
+        _check_finite(out, lambda i: f"inputs[{i}]")
+        return out
+    if arr is not None and arr.ndim == 1 and arr.dtype.kind in "iuf" and n == size:
+        raise BadQueryError(f"inputs is one flat query of {n} numbers; wrap it in a list: "
+                            '{"inputs": [[...]]}', field="inputs")
+    queries = [_one_list_query(q, f"inputs[{i}]", qshape, size) for i, q in enumerate(inputs)]
+    out = np.stack(queries)  # N x (*qshape) -> (N, *qshape)
+    _check_finite(out, lambda i: f"inputs[{i}]")
+    return out
+
+
+def _one_list_query(q: Any, field: str, qshape: tuple[int, ...], size: int) -> np.ndarray:
+    """One query (flat or nested list) -> (*qshape) float32, or a BadQueryError saying what is wrong."""
+    expected = f"expected {size} values (shape {_fmt(qshape)}) or a nested list of shape {_fmt(qshape)}"
+    if not isinstance(q, list):
+        raise BadQueryError(f"{field} is {_kind(q)}; {expected}", field=field)
+    try:
+        a = np.asarray(q)
+    except (ValueError, TypeError, OverflowError):
+        raise BadQueryError(f"{field} is a ragged nested list; {expected}", field=field) from None
+    if a.dtype.kind not in "iuf":
+        a = _numbers_or_raise(q, field)
+    if a.shape == (size,) or a.shape == qshape:
+        return _to_float32(a).reshape(qshape)  # (size,) or qshape -> qshape
+    if a.ndim == 1:
+        raise BadQueryError(f"{field} has {a.shape[0]} values; expected {size} (shape {_fmt(qshape)}) "
+                            f"or a nested list of shape {_fmt(qshape)}", field=field)
+    raise BadQueryError(f"{field} is a nested list of shape {_fmt(a.shape)}; {expected}", field=field)
+
+
+def _numbers_or_raise(q: list, field: str) -> np.ndarray:
+    """A list numpy could not take as numbers: name its first non-number, or convert huge integers."""
+    path, value = _first_leaf(q, field, lambda v: not isinstance(v, (int, float)) or isinstance(v, bool))
+    if path is not None:
+        raise BadQueryError(f"{path} is {_kind(value)}; expected a number", field=path)
+    try:
+        return np.asarray(q, dtype=np.float64)  # integers beyond int64: Python ints numpy kept as objects
+    except (ValueError, TypeError, OverflowError):
+        raise BadQueryError(f"{field} holds an integer too large for float32", field=field) from None
+
+
+def _reject_bools(inputs: list) -> None:
+    path, value = _first_leaf(inputs, "inputs", lambda v: isinstance(v, bool))
+    if path is not None:
+        raise BadQueryError(f"{path} is a boolean ({json.dumps(value)}); expected a number", field=path)
+
+
+def _first_leaf(obj: list, root: str, bad: Callable[[Any], bool]) -> tuple[str | None, Any]:
+    """Depth-first (iterative: no recursion limit) search for the first leaf for which ``bad`` holds."""
+    stack: list[tuple[str, Any]] = [(root, obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif bad(value):
+            return path, value
+    return None, None
+
+
+def _from_base64_objects(objs: list, qshape: tuple[int, ...], limits: HttpLimits, single: bool) -> np.ndarray:
+    """One or more {"data", "shape"} objects -> (N, *qshape) float32, N summed over the objects."""
+    parts, total = [], 0
+    for k, obj in enumerate(objs):
+        field = "inputs" if single else f"inputs[{k}]"
+        if not isinstance(obj, dict):
+            raise BadQueryError(f"{field} is {_kind(obj)}; inputs[0] is a base64 object, so every element must be "
+                                'one: {"data": BASE64_FLOAT32_LE, "shape": [...]}', field=field)
+        arr = _one_base64(obj, field, qshape, limits, already=total)
+        _check_finite(arr, lambda i, f=field, t=total: f"{f}.data query {i} (query {t + i} of the request)")
+        total += arr.shape[0]
+        parts.append(arr)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)  # K x (n_k, *qshape) -> (N, *qshape)
+
+
+def _one_base64(obj: dict, field: str, qshape: tuple[int, ...], limits: HttpLimits, already: int) -> np.ndarray:
+    unknown = sorted(set(obj) - _BASE64_KEYS)
+    if unknown:
+        raise BadQueryError(f"{field} has unknown key(s) {unknown}; a base64 object has exactly 'data' "
+                            "(base64 of float32 little-endian) and 'shape'", field=field)
+    data = obj.get("data")
+    if not isinstance(data, str):
+        raise BadQueryError(f"{field}.data is {_kind(data)}; expected a base64 string of float32 "
+                            "little-endian values", field=f"{field}.data")
+    shape = _shape_of(obj.get("shape"), f"{field}.shape")
+    n = _queries_in(shape, qshape, f"{field}.shape")
+    _check_count(already + n, limits)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError as exc:  # binascii.Error, or non-ASCII characters
+        raise BadQueryError(f"{field}.data is not valid base64 ({exc}); expected standard base64 "
+                            "('+/' alphabet, '=' padding) of float32 little-endian bytes",
+                            field=f"{field}.data") from None
+    if len(raw) % 4:
+        raise BadQueryError(f"{field}.data decodes to {len(raw)} bytes, not a multiple of 4; expected "
+                            "float32 little-endian values (4 bytes each)", field=f"{field}.data")
+    need = n * math.prod(qshape)
+    if len(raw) // 4 != need:
+        raise BadQueryError(f"{field}.data holds {len(raw) // 4} float32 values; shape {_fmt(shape)} needs "
+                            f"{need}", field=f"{field}.data")
+    # bytes -> (N, *qshape) little-endian float32 -> native, writable copy
+    return np.frombuffer(raw, dtype="<f4").reshape(n, *qshape).astype(np.float32)
+
+
+def _shape_of(shape: Any, field: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not shape or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise BadQueryError(f"{field} is {json.dumps(shape) if _jsonable(shape) else _kind(shape)}; "
+                            "expected a non-empty list of non-negative integers", field=field)
+    return tuple(shape)
+
+
+def _queries_in(shape: tuple[int, ...], qshape: tuple[int, ...], field: str) -> int:
+    """How many queries a base64 object's shape holds: 1 for qshape / [prod], N for [N, *qshape] / [N, prod]."""
+    size = math.prod(qshape)
+    if shape == qshape or shape == (size,):
+        n = 1
+    elif len(shape) >= 2 and shape[1:] in (qshape, (size,)):
+        n = shape[0]
+    else:
+        raise BadQueryError(f"{field} is {_fmt(shape)}; expected {_fmt(qshape)}, [N, {_fmt(qshape)[1:-1]}], "
+                            f"[{size}] or [N, {size}]", field=field)
+    if n == 0:
+        raise BadQueryError(f"{field} is {_fmt(shape)}: no queries; send at least one", field=field)
+    return n
+
+
+def _to_float32(arr: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf, rejected by _check_finite
+        return arr.astype(np.float32)
+
+
+def _check_finite(arr: np.ndarray, name: Callable[[int], str]) -> None:
+    flat = arr.reshape(arr.shape[0], -1)  # (N, *qshape) -> (N, size)
+    ok = np.isfinite(flat)  # (N, size) bool
+    if ok.all():
+        return
+    i = int(np.argmin(ok.all(axis=1)))
+    j = int(np.argmin(ok[i]))
+    raise BadQueryError(f"{name(i)} has a non-finite value ({flat[i, j]}) at flat index {j}; NaN, Infinity and "
+                        "numbers beyond float32's range (about 3.4e38) are not accepted", field=name(i))
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float, str, list))
+
+
+# ------------------------------------------------------------------------------------------- ASGI app
+
+
+class _HttpError(Exception):
+    """A response decided at the edge (404, 405, 413, ...)."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: list | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type_, message, headers or []
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_RETRY_AFTER = (b"retry-after", b"1")
+_CLOSE = (b"connection", b"close")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode()
+
+
+def _error_body(type_: str, message: str, **extra: Any) -> bytes:
+    return _dumps({"error": {"type": type_, "message": message,
+                             **{k: v for k, v in extra.items() if v is not None}}})
+
+
+class _App:
+    """The ASGI callable: routes, reads bodies within limits, maps errors to statuses."""
+
+    def __init__(self, service: PredictService, metrics: ServingMetrics, limits: HttpLimits) -> None:
+        self._service = service
+        self._metrics = metrics
+        self._limits = limits
+        self._rejected_bad = metrics.rejected.labels(reason="bad_query")
+        self._rejected_overload = metrics.rejected.labels(reason="overloaded")
+        self._rejected_large = metrics.rejected.labels(reason="body_too_large")
+        self._routes = {"/v1/predict": ("POST", self._predict),
+                        "/healthz": ("GET", self._healthz),
+                        "/metrics": ("GET", self._metrics_text)}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            handler = self._route(scope)
+            status, headers, body = await handler(scope, receive)
+        except _ClientGone:
+            return
+        except Exception as exc:  # noqa: BLE001 - the edge: every error becomes a status, the server keeps serving
+            status, headers, body = self._error_response(exc, scope)
+        await _respond(send, status, headers, body)
+
+    def _route(self, scope: Scope) -> Callable[[Scope, Receive], Awaitable[tuple[int, list, bytes]]]:
+        route = self._routes.get(scope["path"])
+        if route is None:
+            raise _HttpError(404, "not_found", f"no route {scope['path']!r}; routes: POST /v1/predict, "
+                             "GET /healthz, GET /metrics")
+        method, handler = route
+        got = scope["method"]
+        if got != method and not (method == "GET" and got == "HEAD"):
+            raise _HttpError(405, "method_not_allowed", f"{scope['path']} accepts {method}; got {got}",
+                             [(b"allow", method.encode())])
+        return handler
+
+    def _error_response(self, exc: Exception, scope: Scope) -> tuple[int, list, bytes]:
+        if isinstance(exc, _HttpError):
+            return exc.status, _JSON_HEADERS + exc.headers, _error_body(exc.type, exc.message)
+        if isinstance(exc, BadQueryError):
+            return exc.status, _JSON_HEADERS, _error_body("bad_query", str(exc), field=exc.field)
+        if isinstance(exc, OverloadedError):
+            return exc.status, _JSON_HEADERS + [_RETRY_AFTER], _error_body("overloaded", str(exc), limit=exc.limit)
+        if isinstance(exc, DeadlineExceededError):
+            return 504, _JSON_HEADERS, _error_body("deadline_exceeded", str(exc), deadline_s=exc.deadline_s)
+        logger.error("unhandled error serving %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+        return 500, _JSON_HEADERS, _error_body("internal", "internal server error; the server logged the details")
+
+    # ------------------------------------------------------------------------------------- routes
+
+    async def _predict(self, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
+        body = await self._read_body(scope, receive)
+        n = 1
+        try:
+            queries = await self._parse(body)  # (N, *query_shape) float32
+            n = queries.shape[0]
+            predictions = await self._service.predict(queries)
+        except BadQueryError:
+            self._rejected_bad.inc(n)
+            raise
+        except OverloadedError:
+            self._rejected_overload.inc(n)
+            raise
+        if len(predictions) != n:
+            raise RuntimeError(f"service answered {len(predictions)} predictions for {n} queries")
+        return 200, _JSON_HEADERS, _dumps({"outputs": [p.to_json() for p in predictions]})
+
+    async def _parse(self, body: bytes) -> torch.Tensor:
+        shape = tuple(self._service.query_shape)
+        if len(body) > _OFFLOAD_BODY_BYTES:  # a big JSON parse would stall every query sharing this loop
+            return await asyncio.to_thread(parse_queries, body, shape, self._limits)
+        return parse_queries(body, shape, self._limits)
+
+    async def _healthz(self, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
+        health = self._service.health()
+        if inspect.isawaitable(health):
+            health = await health
+        return (200 if health.get("ok") else 503), _JSON_HEADERS, _dumps(health)
+
+    async def _metrics_text(self, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
+        return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(self._metrics.registry)
+
+    # ------------------------------------------------------------------------------------ bodies
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The whole request body; 413 as soon as it (or its declared Content-Length) passes the limit."""
+        limit = self._limits.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            raise self._too_large(f"Content-Length {declared}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_large(f"more than {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self, what: str) -> _HttpError:
+        self._rejected_large.inc()
+        return _HttpError(413, "body_too_large", f"request body is {what}; max_body_bytes is "
+                          f"{self._limits.max_body_bytes}: send fewer queries per request", [_CLOSE])
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                raise _HttpError(400, "bad_request", f"Content-Length {value!r} is not an integer") from None
+    return None
+
+
+async def _respond(send: Send, status: int, headers: list, body: bytes) -> None:
+    try:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    except OSError:  # the client went away; servers that raise on send after a disconnect
+        logger.debug("client disconnected before the %d response was sent", status)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def make_app(service: PredictService, metrics: ServingMetrics, limits: HttpLimits = HttpLimits()) -> ASGIApp:
+    """The ASGI app serving ``service``: POST /v1/predict, GET /healthz, GET /metrics (see module docstring)."""
+    return _App(service, metrics, limits)
+
+
+# -------------------------------------------------------------------------------------------- server
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, calling ``on_ready(host, port)`` once it listens."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[str, int], None] | None) -> None:
+        super().__init__(config)
+        self._on_ready = on_ready
+        self.ready_error: BaseException | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_ready is not None:
+            port = self.servers[0].sockets[0].getsockname()[1]
+            try:
+                self._on_ready(self.config.host, port)
+            except Exception as exc:  # noqa: BLE001 - re-raised by serve_http after a clean shutdown
+                self.ready_error = exc
+                self.should_exit = True
+
+
+async def serve_http(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, *,
+                     on_ready: Callable[[str, int], None] | None = None,
+                     stop: asyncio.Event | None = None) -> None:
+    """Serve ``app`` with uvicorn in the current event loop until ``stop`` is set (or a signal arrives).
+
+    Port 0 picks a free port; ``on_ready(host, port)`` receives the bound one. uvicorn's logging
+    configuration is left alone (its loggers propagate to the application's handlers). A port that
+    cannot be bound raises that OSError; a failed lifespan startup raises RuntimeError.
+    """
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
+                            log_config=None, interface="asgi3")
+    server = _Server(config, on_ready)
+    watcher = asyncio.create_task(_exit_when_set(stop, server)) if stop is not None else None
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits the process when startup fails; a library must not
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise RuntimeError(f"HTTP server on {host}:{port} failed to start (lifespan startup failed)") from None
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    if server.ready_error is not None:
+        raise server.ready_error
+
+
+async def _exit_when_set(stop: asyncio.Event, server: uvicorn.Server) -> None:
+    await stop.wait()
+    server.should_exit = True

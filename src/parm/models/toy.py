@@ -1,0 +1,48 @@
+"""Tiny models with known answers, for tests and frontend benchmarks.
+
+``linear`` is F(x) = W·vec(x) + b with seeded weights; ``linear_parity`` is its exact parity
+model for the addition code with k queries (same W, bias k·b), so decoded outputs can be
+checked to float tolerance. ``constant`` is the cheapest possible model (frontend overhead).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Linear(nn.Module):
+    """F(x) = W·vec(x) + bias_scale·b, seeded."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, seed: int = 0, bias_scale: float = 1.0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(num_classes, math.prod(in_shape), generator=g) / math.prod(in_shape) ** 0.5)
+        self.bias = nn.Parameter(torch.randn(num_classes, generator=g) * bias_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T + self.bias  # (N, *S) -> (N, C)
+
+
+def linear(in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int = 0) -> nn.Module:
+    return Linear(tuple(in_shape), num_classes, seed)
+
+
+def linear_parity(in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int = 0, k: int = 2) -> nn.Module:
+    """The exact addition-code parity model of ``linear(in_shape, num_classes, seed)``."""
+    return Linear(tuple(in_shape), num_classes, seed, bias_scale=float(k))
+
+
+class Constant(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], self.num_classes)  # (N, *S) -> (N, C)
+
+
+def constant(num_classes: int = 10) -> nn.Module:
+    return Constant(num_classes)

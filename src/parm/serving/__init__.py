@@ -1,0 +1,23 @@
+"""The serving frontend: batching, coding groups, encode/dispatch/decode, modes, metrics."""
+
+from parm.serving.config import MODES, ServingConfig, instance_roles
+from parm.serving.frontend import Frontend, QueryRecord
+from parm.serving.metrics import ServingMetrics
+from parm.serving.tracker import Answer, Cancel, GroupTracker, Resend
+from parm.serving.types import Prediction, PredictService, Source
+
+__all__ = [
+    "MODES",
+    "Answer",
+    "Cancel",
+    "Frontend",
+    "GroupTracker",
+    "PredictService",
+    "Prediction",
+    "QueryRecord",
+    "Resend",
+    "ServingConfig",
+    "ServingMetrics",
+    "Source",
+    "instance_roles",
+]

@@ -1,0 +1,158 @@
+"""Dispatching work to instances: queues per role, a few batches in flight per instance.
+
+Work waits in the frontend, not in the instances: each instance holds at most
+``max_in_flight`` batches, so a batch that is reconstructed while still queued can simply be
+dropped before it is ever sent. With the default *shared* dispatch, all instances of a role
+pull from one queue as they free up (a slow instance takes less work). With *round_robin*,
+each batch is assigned to the next instance of its role and waits for that one.
+
+Picking from the shared queue, an instance never takes a second copy of a batch it already
+holds (hedged or replicated copies go elsewhere), skips batches that must avoid it (a re-send
+after it failed), and prefers a batch whose coding group has no other member on it, so that
+one slow or dead instance rarely holds two members of a group.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from parm.backends.base import Backend
+
+SCAN_LIMIT = 32  # queued items an idle instance looks at before settling for a fallback
+
+
+@dataclass(eq=False)
+class Work:
+    """One batch (data, parity, cheap or probe) to run on one instance of ``role``."""
+
+    work_id: int
+    kind: str
+    key: int  # batch id (data, cheap, probe) or group id (parity)
+    role: str
+    inputs: torch.Tensor  # (B, *S)
+    group: int | None = None
+    retry: bool = False
+    avoid: frozenset[int] = frozenset()
+    cancelled: bool = False
+    instance: int | None = None
+    sent_s: float | None = None
+    target: int | None = None  # round robin: the instance this work waits for
+
+
+@dataclass
+class InstanceState:
+    instance_id: int
+    role: str
+    in_flight: dict[int, Work] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Queues and in-flight bookkeeping; sends through the backend (see module docstring)."""
+
+    def __init__(self, backend: Backend, max_in_flight: int, dispatch: str, clock: Callable[[], float]) -> None:
+        self.backend = backend
+        self.max_in_flight = max_in_flight
+        self.round_robin = dispatch == "round_robin"
+        self.clock = clock
+        self.instances = {s.instance_id: InstanceState(s.instance_id, s.role) for s in backend.instances}
+        self._queues: dict[str, deque[Work]] = {role: deque() for role in {s.role for s in backend.instances}}
+        self._rr = {role: itertools.cycle([s.instance_id for s in backend.instances if s.role == role])
+                    for role in self._queues}
+        self._ids = itertools.count()
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def has_role(self, role: str) -> bool:
+        return role in self._queues
+
+    def submit(self, work: Work, *, front: bool = False) -> None:
+        if self.round_robin and work.target is None:
+            work.target = self._next_target(work)
+        queue = self._queues[work.role]
+        queue.appendleft(work) if front else queue.append(work)
+        self.pump(work.role)
+
+    def _next_target(self, work: Work) -> int:
+        ids = [i for i, s in self.instances.items() if s.role == work.role]
+        for _ in ids:
+            candidate = next(self._rr[work.role])
+            if candidate not in work.avoid and self.backend.healthy(candidate):
+                return candidate
+        return next(self._rr[work.role])
+
+    def pump(self, role: str) -> None:
+        """Send queued work of ``role`` to every healthy instance with a free slot."""
+        queue = self._queues.get(role)
+        if not queue:
+            return
+        for state in self.instances.values():
+            while queue and state.role == role and len(state.in_flight) < self.max_in_flight \
+                    and self.backend.healthy(state.instance_id):
+                work = self._pick(queue, state)
+                if work is None:
+                    break
+                self._send(state, work)
+
+    def _pick(self, queue: deque[Work], state: InstanceState) -> Work | None:
+        held_batches = {(w.kind, w.key) for w in state.in_flight.values()}
+        held_groups = {w.group for w in state.in_flight.values() if w.group is not None}
+        fallback: Work | None = None
+        for work in itertools.islice(queue, SCAN_LIMIT):
+            if self.round_robin and work.target != state.instance_id:
+                continue
+            if state.instance_id in work.avoid or (work.kind, work.key) in held_batches:
+                continue
+            if work.group is None or work.group not in held_groups:
+                queue.remove(work)
+                return work
+            fallback = fallback or work
+        if fallback is not None:
+            queue.remove(fallback)
+        return fallback
+
+    def _send(self, state: InstanceState, work: Work) -> None:
+        work.instance, work.sent_s = state.instance_id, self.clock()
+        state.in_flight[work.work_id] = work
+        self.backend.send(state.instance_id, work.work_id, work.inputs)
+
+    def take(self, instance_id: int, work_id: int) -> Work | None:
+        """The in-flight work an instance just answered (None if unknown)."""
+        state = self.instances.get(instance_id)
+        return None if state is None else state.in_flight.pop(work_id, None)
+
+    def drain(self, instance_id: int) -> list[Work]:
+        """Everything in flight on a failed instance (it holds nothing afterwards)."""
+        state = self.instances[instance_id]
+        works, state.in_flight = list(state.in_flight.values()), {}
+        return works
+
+    def cancel(self, kind: str, key: int) -> int:
+        """Drop queued copies of a batch; in-flight copies are marked and ignored on return."""
+        dropped = 0
+        for queue in self._queues.values():
+            for work in [w for w in queue if w.kind == kind and w.key == key]:
+                queue.remove(work)
+                dropped += 1
+        for state in self.instances.values():
+            for work in state.in_flight.values():
+                if work.kind == kind and work.key == key:
+                    work.cancelled = True
+        return dropped
+
+    def holders(self, kind: str, key: int) -> set[int]:
+        return {s.instance_id for s in self.instances.values()
+                for w in s.in_flight.values() if w.kind == kind and w.key == key and not w.cancelled}
+
+    def stalled(self, now_s: float, timeout_s: float) -> list[int]:
+        """Instances whose oldest in-flight batch was sent more than ``timeout_s`` ago."""
+        return [s.instance_id for s in self.instances.values()
+                if any(w.sent_s is not None and now_s - w.sent_s > timeout_s for w in s.in_flight.values())]
+
+    def depth(self, role: str) -> int:
+        return len(self._queues.get(role, ()))
