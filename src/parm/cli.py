@@ -68,7 +68,128 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     _add_common(p)
     p.set_defaults(func=_eval)
+
+    from parm.faults import FAULT_SPEC_HELP
+
+    p = sub.add_parser("serve", help="serve a model with ParM over HTTP",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="fault spec (--faults):\n" + FAULT_SPEC_HELP)
+    _add_system_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="the whole story on one machine: every mode under the same faults",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="fault spec (--faults):\n" + FAULT_SPEC_HELP)
+    _add_system_args(p, default_faults=DEMO_FAULTS, default_emulated_ms=5.0, default_instances=2)
+    p.add_argument("--modes", default="none,equal,coded,hedge,replicate,cheap",
+                   help="comma-separated modes (cheap is skipped without --cheap)")
+    p.add_argument("--queries", type=int, default=3000)
+    p.add_argument("--rate", type=float, default=150.0, help="queries per second (Poisson)")
+    p.add_argument("--warmup", type=int, default=200, help="queries discarded at the start")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the per-mode summaries here")
+    p.add_argument("--data-root", type=Path, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_demo)
     return parser
+
+
+DEMO_FAULTS = "slow:rate_hz=0.1,duration_s=1,factor=20;crash:instance=1,at_s=8;seed=1"
+
+
+def _add_system_args(p: argparse.ArgumentParser, *, default_faults: str = "", default_emulated_ms: float = 0.0,
+                     default_instances: int = 4) -> None:
+    p.add_argument("--base", type=Path, required=True, help="base (deployed) model checkpoint")
+    p.add_argument("--parity", type=Path, default=None, help="parity model checkpoint (mode coded)")
+    p.add_argument("--cheap", type=Path, default=None, help="approximate backup model checkpoint (mode cheap)")
+    p.add_argument("--k", type=int, default=None, help="coding group size (default: the parity checkpoint's)")
+    p.add_argument("--instances", type=int, default=default_instances, help="m: data instances the load needs")
+    p.add_argument("--mode", default="coded", help="none, equal, coded, hedge, replicate or cheap")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-wait-ms", type=float, default=1.0)
+    p.add_argument("--group-wait-ms", type=float, default=20.0)
+    p.add_argument("--deadline-ms", type=float, default=10_000.0)
+    p.add_argument("--stall-timeout-ms", type=float, default=2_000.0)
+    p.add_argument("--dispatch", default="shared", choices=["shared", "round_robin"])
+    p.add_argument("--max-pending", type=int, default=10_000, help="pending queries before 429")
+    p.add_argument("--faults", default=default_faults, help="fault spec, or @FILE.toml (see below)")
+    p.add_argument("--emulated-ms", type=float, default=default_emulated_ms,
+                   help="extra service time per batch emulating an accelerator (default %(default)s)")
+
+
+def _system_spec(args: argparse.Namespace):
+    from parm.faults import load_fault_spec, parse_fault_spec
+    from parm.serving import ServingConfig
+    from parm.system import SystemSpec, check_checkpoints
+
+    base, parity = check_checkpoints(str(args.base), args.parity and str(args.parity),
+                                     args.cheap and str(args.cheap), args.k, None)
+    k = args.k or (parity.k if parity is not None else 2)
+    encoder = parity.encoder if parity is not None else "add"
+    faults = (load_fault_spec(args.faults[1:]) if args.faults.startswith("@") else parse_fault_spec(args.faults)) \
+        if args.faults else None
+    serving = ServingConfig(
+        query_shape=tuple(base.in_shape), mode=args.mode, k=k, encoder=encoder or "add", batch_size=args.batch_size,
+        batch_wait_ms=args.batch_wait_ms, group_wait_ms=args.group_wait_ms, deadline_ms=args.deadline_ms,
+        stall_timeout_ms=args.stall_timeout_ms, dispatch=args.dispatch, max_pending_queries=args.max_pending)
+    spec = SystemSpec(base=str(args.base), instances=args.instances, serving=serving,
+                      parity=args.parity and str(args.parity), cheap=args.cheap and str(args.cheap), faults=faults,
+                      emulated_ms=args.emulated_ms)
+    return spec, base
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from parm.system import run_server
+
+    spec, _ = _system_spec(args)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_server(spec, args.host, args.port, stop=stop, max_body_bytes=args.max_body_bytes,
+                         on_ready=lambda host, port: print(f"ready http://{host}:{port}", flush=True))
+
+    asyncio.run(main())
+    print("stopped", flush=True)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from parm.bench import LoadSpec, format_table, run_modes
+    from parm.data import load_dataset
+
+    spec, base = _system_spec(args)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if spec.cheap is None and "cheap" in modes:
+        log.info("skipping mode 'cheap': no --cheap checkpoint given")
+        modes.remove("cheap")
+    if spec.parity is None and "coded" in modes:
+        log.info("skipping mode 'coded': no --parity checkpoint given")
+        modes.remove("coded")
+    test = load_dataset(base.dataset, "test", data_root=args.data_root)
+    load = LoadSpec(args.queries, args.rate, args.seed, args.warmup)
+    print(f"{base.arch} on {base.dataset}: m={spec.instances} data instances, k={spec.serving.k}, "
+          f"{args.queries} queries at {args.rate:g}/s, emulated {spec.emulated_ms:g} ms per batch, "
+          f"faults: {spec.faults.to_text() if spec.faults else 'none'}", flush=True)
+    summaries = run_modes(spec, modes, test.float_images(), test.labels, load, progress=not args.no_progress)
+    print(format_table(summaries))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"system": spec.to_json(), "load": dataclasses.asdict(load),
+                                         "modes": summaries}, indent=2, default=str) + "\n")
+    return 0
 
 
 def _train_base(args: argparse.Namespace) -> int:
@@ -130,7 +251,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.command in ("serve", "demo")
+                        else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -83,6 +83,9 @@ class Backend(abc.ABC):
     def kill(self, instance_id: int, reason: str) -> None:
         """Stop the instance at once (it is restarted; on_failure reports the kill)."""
 
+    def set_time_origin(self, t0_wall_s: float) -> None:
+        """Fault schedules count time from this wall-clock instant (default: when start() began)."""
+
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop every instance and release everything; no callback fires afterwards."""

@@ -141,6 +141,11 @@ class LocalBackend(Backend):
         array = inputs.detach().to(torch.float32).contiguous().numpy()
         slot.sender.put((work_id, array.tobytes(), array.shape))
 
+    def set_time_origin(self, t0_wall_s: float) -> None:
+        self.t0_wall_s = t0_wall_s
+        for slot in self._slots.values():
+            slot.sender.put(("t0", t0_wall_s))
+
     def healthy(self, instance_id: int) -> bool:
         slot = self._slots.get(instance_id)
         return slot is not None and slot.ready and not slot.dead

@@ -36,11 +36,15 @@ class ModelRunner:
         torch.set_num_threads(1)
         self.spec, self.faults, self.t0_wall_s = spec, faults, t0_wall_s
         self.model = spec.model.build()
-        started = self.now_s()
-        crash = getattr(faults, "crash_at_s", None)
-        self.crash_at_s = crash if crash is not None and crash > started else None
-        self.started_s = started
         self.seq = 0
+        self.set_origin(t0_wall_s)
+
+    def set_origin(self, t0_wall_s: float) -> None:
+        """Count fault time from ``t0_wall_s``; faults already past for this process never fire."""
+        self.t0_wall_s = t0_wall_s
+        self.started_s = self.now_s()
+        crash = getattr(self.faults, "crash_at_s", None)
+        self.crash_at_s = crash if crash is not None and crash > self.started_s else None
 
     def now_s(self) -> float:
         return time.time() - self.t0_wall_s
@@ -86,6 +90,9 @@ def serve_forever(conn: Channel, spec: InstanceSpec, faults: Any | None, t0_wall
         msg = conn.recv()
         if msg is None:
             return
+        if msg[0] == "t0":
+            runner.set_origin(msg[1])
+            continue
         work_id, payload, shape = msg
         if runner.crash_at_s is not None and runner.now_s() >= runner.crash_at_s:
             os._exit(17)

@@ -31,6 +31,7 @@ def _resnet_for(side: int) -> Factory:
 
 ARCHITECTURES: dict[str, Factory] = {
     "mlp": MLP,
+    "mlp-small": lambda in_shape, num_classes: MLP(in_shape, num_classes, hidden=(32,)),
     "lenet5": LeNet5,
     "resnet18": _resnet_for(32),
     "resnet18-28": _resnet_for(28),

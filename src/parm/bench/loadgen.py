@@ -1,0 +1,96 @@
+"""Open-loop load: precomputed Poisson arrival times, latency from each query's scheduled time.
+
+The generator never waits for answers before sending the next query, and latency is measured
+from when a query was *scheduled* to be sent — so a stalled server cannot hide its own delay
+by slowing the sender down (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from parm.errors import ConfigError, ServingError
+
+
+def poisson_arrivals_s(n: int, rate_qps: float, seed: int) -> np.ndarray:
+    """Send offsets (n,) in seconds of a Poisson process with ``rate_qps``: cumulative exponential gaps."""
+    if n < 1 or not rate_qps > 0:
+        raise ConfigError(f"need n >= 1 and rate_qps > 0; got n={n}, rate_qps={rate_qps}", field="rate_qps",
+                          value=rate_qps)
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate_qps, size=n)  # (n,)
+    return np.cumsum(gaps) - gaps[0]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One query's record: times in seconds on the load generator's clock."""
+
+    index: int
+    scheduled_s: float
+    sent_s: float
+    answered_s: float
+    source: str  # original / reconstructed / retried / approximate / error
+    outcome: str  # ok / error / rejected
+    label: int | None
+    instance: int | None
+    error: str | None = None
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.answered_s - self.scheduled_s) * 1e3
+
+
+class _Collector:
+    def __init__(self, n: int, clock: Callable[[], float]) -> None:
+        self.results: list[QueryResult | None] = [None] * n
+        self.clock = clock
+        self.done = asyncio.Event()
+        self.remaining = n
+
+    def finish(self, result: QueryResult) -> None:
+        self.results[result.index] = result
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+    def callback(self, index: int, scheduled_s: float, sent_s: float):
+        def on_done(future: asyncio.Future) -> None:
+            now = self.clock()
+            if future.cancelled() or future.exception() is not None:
+                err = "cancelled" if future.cancelled() else repr(future.exception())
+                self.finish(QueryResult(index, scheduled_s, sent_s, now, "error", "error", None, None, err))
+                return
+            pred = future.result()
+            self.finish(QueryResult(index, scheduled_s, sent_s, now, pred.source.value, "ok", pred.label, pred.instance))
+        return on_done
+
+
+async def run_open_loop(submit: Callable[[torch.Tensor], Any], queries: torch.Tensor, arrivals_s: np.ndarray, *,
+                        clock: Callable[[], float] = time.monotonic, timeout_s: float = 600.0,
+                        progress: Callable[[int], None] | None = None) -> list[QueryResult]:
+    """Send ``queries[i]`` at ``start + arrivals_s[i]`` via ``submit`` (-> future); wait for every answer."""
+    n = len(arrivals_s)
+    collector = _Collector(n, clock)
+    start = clock() + 0.01
+    for i in range(n):
+        scheduled = start + float(arrivals_s[i])
+        delay = scheduled - clock()
+        if delay > 0.0005:
+            await asyncio.sleep(delay)
+        sent = clock()
+        try:
+            future = submit(queries[i % len(queries)])
+        except ServingError as exc:
+            collector.finish(QueryResult(i, scheduled, sent, sent, "error", "rejected", None, None, repr(exc)))
+            continue
+        future.add_done_callback(collector.callback(i, scheduled, sent))
+        if progress is not None:
+            progress(i)
+    await asyncio.wait_for(collector.done.wait(), timeout_s)
+    return [r for r in collector.results if r is not None]
