@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import inspect
 import json
 import logging
@@ -41,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from parm.errors import BadQueryError, ConfigError, DeadlineExceededError, OverloadedError
@@ -132,7 +132,8 @@ def _from_lists(inputs: list, qshape: tuple[int, ...], limits: HttpLimits, body:
     """Queries as JSON number lists -> (N, *qshape) float32: one numpy conversion when well formed."""
     n, size = len(inputs), math.prod(qshape)
     _check_count(n, limits)
-    if b"true" in body or b"false" in body:  # a bool can only come from these literals; numpy would take it as 0/1
+    # numpy would take a bool as 0/1. In UTF-8 a bool can only come from these literals; other encodings: walk.
+    if b"true" in body or b"false" in body or json.detect_encoding(body) != "utf-8":
         _reject_bools(inputs)
     try:
         arr = np.asarray(inputs)  # float64 / int64 when every query is well formed
@@ -326,8 +327,11 @@ _RETRY_AFTER = (b"retry-after", b"1")
 _CLOSE = (b"connection", b"close")
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def _error_body(type_: str, message: str, **extra: Any) -> bytes:
@@ -455,7 +459,7 @@ class _App:
 
 
 def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
+    for name, value in scope.get("headers", ()):
         if name == b"content-length":
             try:
                 return int(value)
@@ -491,23 +495,37 @@ def make_app(service: PredictService, metrics: ServingMetrics, limits: HttpLimit
 # -------------------------------------------------------------------------------------------- server
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, calling ``on_ready(host, port)`` once it listens."""
+def _uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("serving HTTP needs uvicorn: pip install 'uvicorn>=0.30'") from exc
+    return uvicorn
 
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[str, int], None] | None) -> None:
-        super().__init__(config)
-        self._on_ready = on_ready
-        self.ready_error: BaseException | None = None
 
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
-        if self.started and self._on_ready is not None:
-            port = self.servers[0].sockets[0].getsockname()[1]
-            try:
-                self._on_ready(self.config.host, port)
-            except Exception as exc:  # noqa: BLE001 - re-raised by serve_http after a clean shutdown
-                self.ready_error = exc
-                self.should_exit = True
+@functools.cache
+def _server_class() -> type:
+    uvicorn = _uvicorn()
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, calling ``on_ready(host, port)`` once it listens."""
+
+        def __init__(self, config: Any, on_ready: Callable[[str, int], None] | None) -> None:
+            super().__init__(config)
+            self._on_ready = on_ready
+            self.ready_error: BaseException | None = None
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started and self._on_ready is not None:
+                port = self.servers[0].sockets[0].getsockname()[1]
+                try:
+                    self._on_ready(self.config.host, port)
+                except Exception as exc:  # noqa: BLE001 - re-raised by serve_http after a clean shutdown
+                    self.ready_error = exc
+                    self.should_exit = True
+
+    return _Server
 
 
 async def serve_http(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, *,
@@ -519,9 +537,9 @@ async def serve_http(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, *,
     configuration is left alone (its loggers propagate to the application's handlers). A port that
     cannot be bound raises that OSError; a failed lifespan startup raises RuntimeError.
     """
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                            log_config=None, interface="asgi3")
-    server = _Server(config, on_ready)
+    config = _uvicorn().Config(app, host=host, port=port, log_level="warning", access_log=False,
+                               lifespan="on", log_config=None, interface="asgi3")
+    server = _server_class()(config, on_ready)
     watcher = asyncio.create_task(_exit_when_set(stop, server)) if stop is not None else None
     try:
         await server.serve()
@@ -536,6 +554,6 @@ async def serve_http(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, *,
         raise server.ready_error
 
 
-async def _exit_when_set(stop: asyncio.Event, server: uvicorn.Server) -> None:
+async def _exit_when_set(stop: asyncio.Event, server: Any) -> None:
     await stop.wait()
     server.should_exit = True

@@ -267,3 +267,13 @@ def test_port_in_use_raises_oserror() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError):
             asyncio.run(asyncio.wait_for(serve_http(app, HOST, port), 30))
+
+
+def test_on_ready_error_is_raised_after_shutdown() -> None:
+    metrics = ServingMetrics()
+    app = make_app(FakeService(metrics), metrics)
+
+    def on_ready(host: str, port: int) -> None:
+        raise ValueError(f"cannot publish {host}:{port}")
+    with pytest.raises(ValueError, match="cannot publish 127.0.0.1:"):
+        asyncio.run(asyncio.wait_for(serve_http(app, HOST, 0, on_ready=on_ready), 30))

@@ -149,3 +149,16 @@ def test_decode_mixed_patterns_in_one_batch() -> None:
     parity = out.sum(1, keepdim=True)  # (G, 1, C): the ideal parity output
     available = torch.tensor([[True, True, True], [False, True, True], [True, False, True], [True, True, False]])
     torch.testing.assert_close(decode(code, out * available[..., None], available, parity), out)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_subtract_matches_general_decoder(k: int) -> None:
+    from parm.coding import subtract
+
+    code = CodeConfig(k=k)
+    out = torch.randn(5, k, 7)  # (B, k, C)
+    parity = out.sum(dim=1)  # (B, C)
+    for j in range(k):
+        known = [out[:, l] for l in range(k) if l != j]
+        torch.testing.assert_close(subtract(code, parity, known, j), out[:, j], rtol=1e-5, atol=1e-5)
+    assert subtract(code, parity, [out[:, l] for l in range(1, k)], 0) is not parity  # never in place

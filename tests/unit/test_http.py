@@ -151,6 +151,12 @@ def test_bad_list_queries_are_422_and_name_the_fault(inputs, words) -> None:
     assert words in str(err)
 
 
+def test_bools_are_found_in_utf16_bodies_too() -> None:
+    assert parse_queries(json.dumps({"inputs": [Q0]}).encode("utf-16"), SHAPE, LIMITS).shape == (1, *SHAPE)
+    err = rejected(json.dumps({"inputs": [Q0[:5] + [True]]}).encode("utf-16"))
+    assert "inputs[0][5] is a boolean (true)" in str(err)
+
+
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e39", "-3.5e38"])
 def test_non_finite_list_values_are_422(token) -> None:
     raw = ('{"inputs": [[0,0,0,0,0,0], [1,2,%s,4,5,6]]}' % token).encode()

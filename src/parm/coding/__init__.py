@@ -1,7 +1,7 @@
 """Pure tensor math of parity coding: code configs, encoders and decoders. No I/O."""
 
 from parm.coding.config import CONCAT_KS, ENCODERS, CodeConfig
-from parm.coding.decoders import decode, reconstruct_each
+from parm.coding.decoders import decode, reconstruct_each, subtract
 from parm.coding.encoders import encode, encode_add, encode_concat
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "encode_add",
     "encode_concat",
     "reconstruct_each",
+    "subtract",
 ]

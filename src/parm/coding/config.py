@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,12 @@ class CodeConfig:
             )
 
     def weights(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Generator coefficients, shape (r, k): w[i, j] = (j + 1) ** i."""
-        nodes = torch.arange(1, self.k + 1, dtype=torch.float64)  # (k,)
-        powers = torch.arange(self.r, dtype=torch.float64)  # (r,)
-        return (nodes[None, :] ** powers[:, None]).to(dtype)  # (r, k)
+        """Generator coefficients, shape (r, k): w[i, j] = (j + 1) ** i (a cached tensor: do not modify)."""
+        return _weights(self.k, self.r, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(k: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+    nodes = torch.arange(1, k + 1, dtype=torch.float64)  # (k,)
+    powers = torch.arange(r, dtype=torch.float64)  # (r,)
+    return (nodes[None, :] ** powers[:, None]).to(dtype)  # (r, k)

@@ -43,6 +43,20 @@ def reconstruct_each(
     return (parity_out[:, None, :] - rest) / w[None, :, None]  # (G, k, C)
 
 
+def subtract(config: CodeConfig, parity_out: torch.Tensor, known: list[torch.Tensor], missing: int) -> torch.Tensor:
+    """The serving path's decoder for r = 1: F(X_j) = (F_P(P) − Σ_{l≠j} w_l F(X_l)) / w_j.
+
+    parity_out (B, C); ``known`` the k − 1 other outputs (B, C) in position order; ``missing``
+    the position j. A handful of tensor ops, no allocation beyond the result.
+    """
+    w = config.weights(torch.float64)[0]  # (k,)
+    others = [l for l in range(config.k) if l != missing]
+    out = parity_out.clone()
+    for l, value in zip(others, known):
+        out.sub_(value, alpha=float(w[l])) if float(w[l]) != 1.0 else out.sub_(value)
+    return out if float(w[missing]) == 1.0 else out.div_(float(w[missing]))
+
+
 def decode(
     config: CodeConfig,
     data_out: torch.Tensor,
@@ -77,12 +91,25 @@ def decode(
             f"{int(parity_available[g].sum())} available parity outputs (r={config.r}); re-send instead",
             expected=f"<= {int(parity_available[g].sum())} missing", got=int(missing[g]),
         )
+    if config.r == 1:
+        return _decode_one_parity(config, data_out, data_available, parity_out[:, 0])
     out = data_out.clone()
     patterns = torch.cat([data_available, parity_available], dim=1)  # (G, k + r)
     for pattern in torch.unique(patterns[missing > 0], dim=0):
         rows = (patterns == pattern).all(dim=1).nonzero().squeeze(1)  # groups with this pattern
         out[rows] = _decode_pattern(config, out[rows], parity_out[rows], pattern)
     return out
+
+
+def _decode_one_parity(config: CodeConfig, data_out: torch.Tensor, available: torch.Tensor,
+                       parity_out: torch.Tensor) -> torch.Tensor:
+    """r = 1, at most one missing per group: plain subtraction, no linear solve."""
+    w = config.weights(dtype=data_out.dtype)[0].to(data_out.device)  # (k,)
+    keep = available[..., None].to(data_out.dtype) * w[None, :, None]  # (G, k, 1)
+    rest = (data_out * keep).sum(dim=1)  # (G, C): Σ_{available l} w_l F(X_l)
+    missing_w = (w[None, :] * (~available).to(data_out.dtype)).sum(dim=1, keepdim=True)  # (G, 1)
+    recon = (parity_out - rest) / missing_w.clamp_min(torch.finfo(data_out.dtype).tiny)  # (G, C)
+    return torch.where(available[..., None], data_out, recon[:, None, :])  # (G, k, C)
 
 
 def _decode_pattern(

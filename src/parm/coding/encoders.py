@@ -31,6 +31,8 @@ def _check_group_shape(config: CodeConfig, x: torch.Tensor) -> None:
 def encode_add(config: CodeConfig, x: torch.Tensor) -> torch.Tensor:
     """P_i = Σ_j w[i, j] · X_j element-wise, for any query shape (channels stay aligned)."""
     _check_group_shape(config, x)
+    if config.r == 1:
+        return x.sum(dim=1, keepdim=True)  # (G, k, *S) -> (G, 1, *S): all weights are 1
     w = config.weights(dtype=x.dtype).to(x.device)  # (r, k)
     flat = x.reshape(x.shape[0], config.k, -1)  # (G, k, *S) -> (G, k, D)
     parity = torch.einsum("rk,gkd->grd", w, flat)  # (G, k, D) -> (G, r, D)

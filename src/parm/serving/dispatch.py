@@ -23,7 +23,8 @@ import torch
 
 from parm.backends.base import Backend
 
-SCAN_LIMIT = 32  # queued items an idle instance looks at before settling for a fallback
+SCAN_LIMIT = 32
+_ROLE_OF_KIND = {"data": "data", "parity": "parity", "cheap": "cheap"}  # queued items an idle instance looks at before settling for a fallback
 
 
 @dataclass(eq=False)
@@ -91,30 +92,34 @@ class Dispatcher:
         queue = self._queues.get(role)
         if not queue:
             return
-        for state in self.instances.values():
-            while queue and state.role == role and len(state.in_flight) < self.max_in_flight \
-                    and self.backend.healthy(state.instance_id):
-                work = self._pick(queue, state)
-                if work is None:
-                    break
-                self._send(state, work)
+        free = [s for s in self.instances.values() if s.role == role and self.backend.healthy(s.instance_id)]
+        for spread_groups in (True, False):  # first only work whose group is not on the instance yet
+            for state in free:
+                while queue and len(state.in_flight) < self.max_in_flight:
+                    work = self._pick(queue, state, spread_groups)
+                    if work is None:
+                        break
+                    self._send(state, work)
 
-    def _pick(self, queue: deque[Work], state: InstanceState) -> Work | None:
+    def _pick(self, queue: deque[Work], state: InstanceState, spread_groups: bool) -> Work | None:
         held_batches = {(w.kind, w.key) for w in state.in_flight.values()}
         held_groups = {w.group for w in state.in_flight.values() if w.group is not None}
-        fallback: Work | None = None
         for work in itertools.islice(queue, SCAN_LIMIT):
             if self.round_robin and work.target != state.instance_id:
                 continue
-            if state.instance_id in work.avoid or (work.kind, work.key) in held_batches:
+            if (work.kind, work.key) in held_batches or self._avoids(work, state):
                 continue
-            if work.group is None or work.group not in held_groups:
+            if not spread_groups or work.group is None or work.group not in held_groups:
                 queue.remove(work)
                 return work
-            fallback = fallback or work
-        if fallback is not None:
-            queue.remove(fallback)
-        return fallback
+        return None
+
+    def _avoids(self, work: Work, state: InstanceState) -> bool:
+        """``avoid`` is a preference: an avoided instance is used when no other healthy one exists."""
+        if state.instance_id not in work.avoid:
+            return False
+        return any(s.role == state.role and s.instance_id not in work.avoid and self.backend.healthy(s.instance_id)
+                   for s in self.instances.values())
 
     def _send(self, state: InstanceState, work: Work) -> None:
         work.instance, work.sent_s = state.instance_id, self.clock()
@@ -135,10 +140,13 @@ class Dispatcher:
     def cancel(self, kind: str, key: int) -> int:
         """Drop queued copies of a batch; in-flight copies are marked and ignored on return."""
         dropped = 0
-        for queue in self._queues.values():
-            for work in [w for w in queue if w.kind == kind and w.key == key]:
-                queue.remove(work)
-                dropped += 1
+        role = _ROLE_OF_KIND.get(kind)
+        queues = [self._queues[role]] if role in self._queues else [] if role else list(self._queues.values())
+        for queue in queues:
+            if queue:
+                for work in [w for w in queue if w.kind == kind and w.key == key]:
+                    queue.remove(work)
+                    dropped += 1
         for state in self.instances.values():
             for work in state.in_flight.values():
                 if work.kind == kind and work.key == key:

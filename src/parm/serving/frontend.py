@@ -40,6 +40,7 @@ from parm.serving.types import Prediction, Source
 log = logging.getLogger(__name__)
 
 STALL_CHECK_S = 0.05
+HEDGE_START_MS = 50.0
 LATENCY_WINDOW = 2000
 
 
@@ -93,6 +94,8 @@ class Frontend:
         self.records: list[QueryRecord] | None = None  # set to [] to keep a record per query
         self.on_answer: list[Callable[[QueryRecord, Prediction], None]] = []
         self.counts = {s: 0 for s in Source}
+        self._unanswered = 0  # queries submitted and not yet answered or failed
+        self._query_counters = {s: self.metrics.queries.labels(s.value) for s in Source}
 
     # ---- lifecycle ----------------------------------------------------------------------
     @property
@@ -110,10 +113,24 @@ class Frontend:
         self._stall_task = asyncio.create_task(self._watch_stalls())
 
     async def stop(self) -> None:
+        """Fail every query not yet answered (nothing is left waiting), then stop the backend."""
         if self._stall_task is not None:
             self._stall_task.cancel()
+        for timer in (self._batch_timer, self._group_timer):
+            if timer is not None:
+                timer.cancel()
+        self._batch_timer = self._group_timer = None
+        shutting_down = ServingError("the server is shutting down")
+        pending, self._pending = self._pending, []
+        for _, future, _ in pending:
+            self._unanswered -= 1
+            if not future.done():
+                future.set_exception(shutting_down)
         for batch in list(self._batches.values()):
-            self._fail_batch(batch, ServingError("the server is shutting down"))
+            self._fail_batch(batch, shutting_down)
+        for future in self._probes.values():
+            if not future.done():
+                future.set_exception(shutting_down)
         await self.backend.stop()
 
     async def probe(self, role: str, inputs: torch.Tensor, timeout_s: float = 30.0) -> torch.Tensor:
@@ -129,14 +146,15 @@ class Frontend:
 
     def health(self) -> dict[str, Any]:
         instances = [{"id": s.instance_id, "role": s.role, "healthy": self.backend.healthy(s.instance_id),
-                      "in_flight": len(self.dispatcher.instances[s.instance_id].in_flight)}
+                      "in_flight": len(self.dispatcher.instances[s.instance_id].in_flight),
+                      "queued": self.dispatcher.depth(s.role)}
                      for s in self.backend.instances]
         data_ok = any(i["healthy"] for i in instances if i["role"] == "data")
         return {"ok": data_ok, "mode": self.config.mode, "instances": instances,
                 "pending_queries": self.pending_queries(), "queue_depth": self.dispatcher.depth("data")}
 
     def pending_queries(self) -> int:
-        return len(self._pending) + sum(len(b.futures) for b in self._batches.values() if not b.answered)
+        return self._unanswered
 
     # ---- submission and batching ----------------------------------------------------------
     def submit(self, query: torch.Tensor) -> asyncio.Future:
@@ -145,11 +163,12 @@ class Frontend:
             raise BadQueryError(f"query has shape {list(query.shape)}; expected {list(self.query_shape)}",
                                 field="inputs")
         if self.pending_queries() >= self.config.max_pending_queries:
-            self.metrics.rejected.labels("overload").inc()
-            raise OverloadedError(f"{self.pending_queries()} queries pending (limit "
-                                  f"{self.config.max_pending_queries}); retry later", limit="max_pending_queries",
-                                  status=429)
+            self.metrics.rejected.labels("overloaded").inc()
+            raise self._overloaded(1)
+        if query.dtype != torch.float32:
+            query = query.to(torch.float32)
         future = self._loop.create_future()
+        self._unanswered += 1
         self._pending.append((query, future, self.clock()))
         if len(self._pending) >= self.config.batch_size:
             self._flush_batch()
@@ -157,8 +176,15 @@ class Frontend:
             self._batch_timer = self._loop.call_later(self.config.batch_wait_ms / 1e3, self._flush_batch)
         return future
 
+    def _overloaded(self, n: int) -> OverloadedError:
+        return OverloadedError(f"{self.pending_queries()} queries pending, {n} more asked (limit "
+                               f"{self.config.max_pending_queries}); retry later", limit="max_pending_queries",
+                               status=429)
+
     async def predict(self, queries: torch.Tensor) -> list[Prediction]:
-        """Answer a batch of queries (N, *query_shape); raises like the futures do."""
+        """Answer a batch of queries (N, *query_shape) — all of them or, on overload, none."""
+        if self.pending_queries() + len(queries) > self.config.max_pending_queries:
+            raise self._overloaded(len(queries))  # counted by the caller (the HTTP edge)
         futures = [self.submit(q) for q in queries]
         return list(await asyncio.gather(*futures))
 
@@ -168,8 +194,9 @@ class Frontend:
             self._batch_timer = None
         while self._pending:
             taken, self._pending = self._pending[: self.config.batch_size], self._pending[self.config.batch_size:]
-            inputs = torch.zeros(self.config.batch_size, *self.query_shape)  # (B, *S), zero padding
-            inputs[: len(taken)] = torch.stack([q for q, _, _ in taken])
+            inputs = torch.stack([q for q, _, _ in taken])  # (n, *S)
+            if len(taken) < self.config.batch_size:  # zero padding up to (B, *S)
+                inputs = torch.cat([inputs, inputs.new_zeros(self.config.batch_size - len(taken), *self.query_shape)])
             batch = _Batch(self._next_batch, inputs, [f for _, f, _ in taken], [t for _, _, t in taken], self.clock())
             self._next_batch += 1
             self._start_batch(batch)
@@ -198,7 +225,6 @@ class Frontend:
                 self._encode_group(group)
             elif self._group_timer is None:
                 self._group_timer = self._loop.call_later(self.config.group_wait_ms / 1e3, self._close_group)
-        self._update_gauges()
 
     def _queue_data(self, batch: _Batch, *, group: int | None = None, retry: bool = False,
                     avoid: frozenset[int] = frozenset(), front: bool = False) -> None:
@@ -213,6 +239,8 @@ class Frontend:
         closed = self.tracker.close(self._filler)
         if closed is not None:
             self._encode_group(closed[0])
+        else:
+            self._group_inputs.clear()  # the open group was fully answered before it closed: no parity
 
     def _encode_group(self, gid: int) -> None:
         if self._group_timer is not None:
@@ -247,10 +275,24 @@ class Frontend:
                 future.set_result(output)
 
     def _model_error(self, work: Work, error: str) -> None:
+        """A model raised on this work. Parity: as if its instance failed. Data (coded): let the
+        group decode it, or re-send once; otherwise, and in other modes once no other copy is
+        still running, the batch's queries fail with the model's error."""
         log.error("model error on instance %s for %s %d: %s", work.instance, work.kind, work.key, error)
+        if work.kind == "parity" and self.tracker is not None:
+            self._apply(self.tracker.on_parity_failure(work.key, 0), None)
+            return
         batch = self._batches.get(work.key) if work.kind == "data" else None
-        if batch is not None and not batch.answered:
-            self._fail_batch(batch, ServingError(f"the model failed on this batch: {error}"))
+        if batch is None or batch.answered or work.cancelled:
+            return
+        if self.tracker is not None and not work.retry:
+            self._apply(self.tracker.on_failure(work.key), None)
+            return
+        if self.tracker is None and self.dispatcher.holders("data", work.key):
+            return  # another copy (replicate, hedge) may still succeed
+        self._fail_batch(batch, ServingError(f"the model failed on this batch: {error}"))
+        if self.tracker is not None:
+            self._apply(self.tracker.expire(work.key), None)
 
     def _dispatch_output(self, work: Work, output: torch.Tensor) -> None:
         if work.kind == "parity":
@@ -328,8 +370,8 @@ class Frontend:
 
     # ---- hedge / cheap -------------------------------------------------------------------
     def _hedge_delay_s(self) -> float:
-        if len(self._service_ms) < 20:
-            return max(self.config.hedge_min_ms, 50.0) / 1e3
+        if len(self._service_ms) < 20:  # too few samples for a percentile yet: a conservative start
+            return max(self.config.hedge_min_ms, HEDGE_START_MS) / 1e3
         return max(self.config.hedge_min_ms, float(np.percentile(self._service_ms, self.config.hedge_percentile))) / 1e3
 
     def _on_late(self, batch_id: int) -> None:
@@ -372,12 +414,13 @@ class Frontend:
         if source is Source.RECONSTRUCTED:
             self.metrics.reconstructions.inc()
         self._retire(batch)
-        if source is not Source.APPROXIMATE:
+        if source is not Source.APPROXIMATE and self.config.mode == "cheap":
             self.dispatcher.cancel("cheap", batch.batch_id)
 
     def _count(self, source: Source, latency_s: float) -> None:
         self.counts[source] += 1
-        self.metrics.queries.labels(source.value).inc()
+        self._unanswered -= 1
+        self._query_counters[source].inc()
         self.metrics.latency.observe(latency_s)
 
     def _fail_batch(self, batch: _Batch, error: Exception) -> None:

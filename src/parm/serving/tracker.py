@@ -25,8 +25,8 @@ Invariants:
 4. Each batch answered by reconstruction gets exactly one ``Cancel``; its late original is
    dropped (counted in ``late_originals``).
 5. ``Resend`` is emitted only for a failed batch its group can no longer decode (another
-   member or the parity is also unavailable); a batch its group can still decode waits for
-   the decoder.
+   member — failed, reconstructed or expired — or the parity is also unavailable); a batch
+   its group can still decode waits for the decoder.
 6. A group leaves the tracker once all its members are answered; later events about it or
    its batches change nothing.
 """
@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from parm.coding import CodeConfig, decode
+from parm.coding import CodeConfig, decode, subtract
 from parm.serving.types import Source
 
 
@@ -126,6 +126,9 @@ class GroupTracker:
         if group is None:
             return None
         group.closed, group.filler, self._open = True, filler, None
+        if all(m.answered for m in group.members):  # nothing left to protect: no parity needed
+            self._retire(group)
+            return None
         return group.gid, [m.batch_id for m in group.members]
 
     def group_of(self, batch_id: int) -> int | None:
@@ -185,7 +188,8 @@ class GroupTracker:
         if group is None:
             return []
         group.parity_failed[index] = True
-        return [] if self._can_still_decode(group) else self._resend_failed(group)
+        actions = [] if self._can_still_decode(group) else self._resend_failed(group)
+        return self._after_change(group, actions)
 
     def note_resend(self, batch_id: int) -> None:
         """The frontend sent this batch again on its own (retry timer, hedge): its original
@@ -236,7 +240,22 @@ class GroupTracker:
                 actions += [Answer(member.batch_id, decoded[i], Source.RECONSTRUCTED), Cancel(member.batch_id)]
         return actions
 
-    def _decode(self, group: _Group, unknown: list[int]) -> torch.Tensor:
+    def _known(self, group: _Group, position: int) -> torch.Tensor:
+        if position < len(group.members):
+            out = group.members[position].output
+            assert out is not None
+            return out
+        assert group.filler is not None, "a closed partial group has a filler output"
+        return group.filler
+
+    def _decode(self, group: _Group, unknown: list[int]) -> torch.Tensor | list[torch.Tensor | None]:
+        """Outputs by position (k entries; those in ``unknown`` decoded)."""
+        if self.code.r == 1 and len(unknown) == 1:  # the common case: plain subtraction
+            j = unknown[0]
+            known = [self._known(group, l) for l in range(self.code.k) if l != j]
+            parity = group.parity[0]
+            assert parity is not None
+            return [subtract(self.code, parity, known, j) if l == j else None for l in range(self.code.k)]
         some = next(p for p in group.parity if p is not None)  # (B, C)
         outputs = []
         for i in range(self.code.k):
@@ -254,8 +273,12 @@ class GroupTracker:
         return decode(self.code, data_out, available, parity, parity_ok).transpose(0, 1)  # (k, B, C)
 
     def _can_still_decode(self, group: _Group) -> bool:
-        """Could the group's failed members still be decoded once pending outputs arrive?"""
-        unavailable = sum(1 for m in group.members if m.failed and m.output is None)
+        """Could the group's failed members still be decoded once pending outputs arrive?
+
+        Unavailable: members without an output that failed, or that were answered without one
+        (reconstructed — their cancelled original may never come — or failed by deadline).
+        """
+        unavailable = sum(1 for m in group.members if m.output is None and (m.failed or m.answered))
         usable_parity = sum(1 for p, bad in zip(group.parity, group.parity_failed) if p is not None or not bad)
         return unavailable <= usable_parity
 

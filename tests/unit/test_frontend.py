@@ -1,0 +1,598 @@
+"""The serving frontend over a fake backend with knobs (tests/unit/fakes.py).
+
+Instances run ``parm.models.toy.linear`` (data), its exact addition-code parity model
+``linear_parity`` (parity) and a differently seeded linear model (cheap), so every answer —
+original, retried or reconstructed — is checked against the true F(x) to float tolerance.
+Nothing sleeps to wait for something: tests await the query futures (with a timeout) or the
+fake backend's event-driven ``until``; the small delays below are the instances' scripted
+service times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import pytest
+import torch
+
+from fakes import FakeBackend, specs_for
+from parm.errors import BadQueryError, DeadlineExceededError, OverloadedError, ServingError
+from parm.models.toy import linear
+from parm.serving.config import MODES, ServingConfig, instance_roles
+from parm.serving.frontend import Frontend
+from parm.serving.types import Prediction, Source
+
+S = (1, 4, 4)  # query shape
+C = 5  # classes
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+TRUE_F = linear(S, C).eval()  # the same seeded model the data instances run
+CHEAP_F = linear(S, C, seed=7).eval()  # the cheap instances' model (see fakes.specs_for)
+WAIT_S = 2.0  # longest any single await in these tests may take
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def build(mode: str = "coded", *, m: int = 2, k: int = 2, delay_s: float = 0.001, restart_s: float = 0.005,
+          **config) -> tuple[Frontend, FakeBackend]:
+    backend = FakeBackend(specs_for(instance_roles(mode, m, k), S, C, k), delay_s=delay_s, restart_s=restart_s)
+    frontend = Frontend(ServingConfig(query_shape=S, mode=mode, k=k, **config), backend)
+    frontend.records = []
+    return frontend, backend
+
+
+def run(coro, timeout_s: float = 10.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+@asynccontextmanager
+async def serving(frontend: Frontend):
+    await frontend.start()
+    try:
+        yield frontend
+    finally:
+        await frontend.stop()
+
+
+def queries(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, *S, generator=torch.Generator().manual_seed(seed))  # (n, *S)
+
+
+def truth(q: torch.Tensor, model: torch.nn.Module = TRUE_F) -> torch.Tensor:
+    with torch.no_grad():
+        return model(q[None])[0]  # (*S) -> (C,)
+
+
+async def answers(futures, timeout_s: float = WAIT_S) -> list:
+    """Results (or exceptions) of ``futures``, in order."""
+    return await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout_s)
+
+
+def assert_true_scores(preds: list[Prediction], qs: torch.Tensor) -> None:
+    for i, (pred, q) in enumerate(zip(preds, qs)):
+        assert isinstance(pred, Prediction), f"query {i} failed: {pred!r}"
+        torch.testing.assert_close(pred.scores, truth(q), **TOL, msg=lambda m: f"query {i} ({pred.source}): {m}")
+        assert pred.label == int(truth(q).argmax())
+
+
+def sample(frontend: Frontend, name: str, **labels: str) -> float:
+    value = frontend.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+def ids(backend: FakeBackend, role: str) -> list[int]:
+    return [s.instance_id for s in backend.instances if s.role == role]
+
+
+async def warm_up(frontend: Frontend, n: int = 20) -> None:
+    """Sequential fast queries, so the hedge/cheap deadline comes from measured service times."""
+    for q in queries(n, seed=99):
+        await asyncio.wait_for(frontend.submit(q), WAIT_S)
+
+
+# ---- every mode answers -----------------------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_answers_every_query_with_the_true_output(mode: str, k: int) -> None:
+    frontend, backend = build(mode, k=k)
+    qs = queries(12, seed=k)
+
+    async def main():
+        async with serving(frontend):
+            return await asyncio.wait_for(frontend.predict(qs), WAIT_S)
+
+    preds = run(main())
+    assert len(preds) == len(qs)
+    assert_true_scores(preds, qs)
+    allowed = {Source.ORIGINAL, Source.RECONSTRUCTED} if mode == "coded" else {Source.ORIGINAL}
+    assert {p.source for p in preds} <= allowed
+    assert sum(frontend.counts.values()) == len(qs) == len(frontend.records)
+    assert sample(frontend, "parm_queries_total", source="original") == frontend.counts[Source.ORIGINAL]
+    assert sample(frontend, "parm_query_latency_seconds_count") == len(qs)
+    for p in preds:
+        if p.source is Source.ORIGINAL:
+            assert backend.instances[p.instance].role == "data"
+
+
+def test_replicate_sends_each_batch_twice_to_two_instances_and_answers_once() -> None:
+    frontend, backend = build("replicate", m=2)  # 4 data instances × 2 slots: every copy is sent
+    qs = queries(3)
+
+    async def main():
+        async with serving(frontend):
+            preds = await answers([frontend.submit(q) for q in qs])
+            work = [s.work_id for q in qs for s in backend.sends_of(q)]
+            await backend.until(lambda: all(w in backend.answered for w in work))  # the losing copies too
+            return preds
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    for q in qs:
+        sent = backend.sends_of(q)
+        assert len(sent) == 2 and sent[0].instance != sent[1].instance
+    assert [p.source for p in preds] == [Source.ORIGINAL] * 3
+    assert frontend.counts[Source.ORIGINAL] == 3 and len(frontend.records) == 3
+
+
+def test_hedge_resends_a_late_batch_to_another_instance_and_answers_retried() -> None:
+    frontend, backend = build("hedge", m=2, hedge_min_ms=5.0)  # 3 data instances
+    q = queries(1, seed=5)[0]
+
+    async def main():
+        async with serving(frontend):
+            await warm_up(frontend)
+            warm_sends = len(backend.sends)
+            backend.set_delay(0, 0.15)  # the next batch goes to instance 0 (idle, first) and is late
+            pred = await asyncio.wait_for(frontend.submit(q), WAIT_S)
+            late = backend.sends_of(q)[0]
+            await backend.until(lambda: late.work_id in backend.answered)  # the late original comes back
+            return pred, warm_sends
+
+    pred, warm_sends = run(main())
+    assert warm_sends == 20, "a batch that was not late was hedged"
+    sent = backend.sends_of(q)
+    assert [s.instance for s in sent][0] == 0 and len(sent) == 2 and sent[1].instance != 0
+    assert pred.source is Source.RETRIED and pred.instance == sent[1].instance
+    assert_true_scores([pred], q[None])
+    assert frontend.counts[Source.RETRIED] == 1 and len(frontend.records) == 21  # the late original is ignored
+    assert sample(frontend, "parm_resends_total") == 1
+
+
+@pytest.mark.parametrize("cheap_delay_s", [0.001, 0.015], ids=["cheap-in-before-late", "cheap-in-after-late"])
+def test_cheap_answers_approximate_when_the_original_is_late(cheap_delay_s: float) -> None:
+    frontend, backend = build("cheap", m=2, hedge_min_ms=5.0)  # data 0, 1; cheap 2
+    (cheap,) = ids(backend, "cheap")
+    q = queries(1, seed=6)[0]
+
+    async def main():
+        async with serving(frontend):
+            await warm_up(frontend)
+            backend.set_delay(0, 0.04)
+            backend.set_delay(cheap, cheap_delay_s)
+            pred = await asyncio.wait_for(frontend.submit(q), WAIT_S)
+            late = backend.sends_of(q)[0]
+            await backend.until(lambda: late.work_id in backend.answered)
+            return pred
+
+    pred = run(main())
+    assert pred.source is Source.APPROXIMATE and pred.instance is None
+    torch.testing.assert_close(pred.scores, truth(q, CHEAP_F), **TOL)
+    assert frontend.counts[Source.APPROXIMATE] == 1 and len(frontend.records) == 21
+    assert sample(frontend, "parm_queries_total", source="approximate") == 1
+
+
+# ---- coded: stragglers, crashes, stalls -------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_coded_straggler_is_reconstructed_its_queued_copy_never_sent_its_late_original_ignored(k: int) -> None:
+    # round robin with one slot per instance: the straggler's second batch waits in its queue
+    frontend, backend = build("coded", m=k, k=k, dispatch="round_robin", max_in_flight=1)
+    qs = queries(2 * k, seed=10 + k)
+
+    async def main():
+        async with serving(frontend):
+            data = ids(backend, "data")
+            probe_on = backend.sends[0].instance
+            straggler = data[(data.index(probe_on) + 1) % len(data)]  # round robin: batch 0's instance
+            backend.set_delay(straggler, 0.03)
+            preds = await answers([frontend.submit(q) for q in qs])
+            first = backend.sends_of(qs[0])
+            assert [s.instance for s in first] == [straggler]
+            await backend.until(lambda: first[0].work_id in backend.answered)
+            return preds
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    expected = [Source.RECONSTRUCTED if i % k == 0 else Source.ORIGINAL for i in range(2 * k)]
+    assert [p.source for p in preds] == expected
+    assert [p.instance for p in preds if p.source is Source.RECONSTRUCTED] == [None, None]
+    assert backend.sends_of(qs[k]) == [], "the straggler's queued batch was sent after it was reconstructed"
+    assert frontend.tracker.late_originals == 1
+    assert frontend.counts[Source.RECONSTRUCTED] == 2 and len(frontend.records) == 2 * k
+    assert sample(frontend, "parm_cancelled_batches_total") == 1
+    assert sample(frontend, "parm_reconstructions_total") == 2
+
+
+def test_coded_crash_of_a_data_instance_reconstructs_its_batch_and_loses_nothing() -> None:
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1)
+    qs = queries(6, seed=20)
+
+    async def main():
+        async with serving(frontend):
+            backend.crash_on(0, backend.received(0))  # dies holding the first batch
+            preds = await answers([frontend.submit(q) for q in qs])
+            await backend.until(lambda: frontend.health()["instances"][0]["healthy"])
+            return preds
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert preds[0].source is Source.RECONSTRUCTED
+    assert backend.crashes == [0] and len(backend.dropped) == 1
+    assert backend.dropped[0] == backend.sends_of(qs[0])[0].work_id
+    assert frontend.counts[Source.ERROR] == 0 and len(frontend.records) == 6
+    assert sample(frontend, "parm_instance_restarts_total", instance="0") == 1
+    assert sample(frontend, "parm_instance_healthy", instance="0", role="data") == 1
+
+
+def test_coded_crash_under_load_answers_every_query_correctly() -> None:
+    frontend, backend = build("coded", m=3, k=3)
+    qs = queries(30, seed=21)
+
+    async def main():
+        async with serving(frontend):
+            backend.crash_on(1, backend.received(1) + 2)
+            backend.crash_on(0, backend.received(0) + 5)
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert sorted(backend.crashes) == [0, 1]
+    assert frontend.counts[Source.ERROR] == 0 and sum(frontend.counts.values()) == 30
+
+
+def test_coded_crash_of_data_and_parity_resends_the_batch() -> None:
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1)
+    (parity,) = ids(backend, "parity")
+    qs = queries(2, seed=22)
+
+    async def main():
+        async with serving(frontend):
+            backend.crash_on(0, backend.received(0))
+            backend.crash_on(parity, backend.received(parity))
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert [p.source for p in preds] == [Source.RETRIED, Source.ORIGINAL]
+    assert len(backend.sends_of(qs[0])) == 2
+    assert sample(frontend, "parm_resends_total") == 1
+    assert sample(frontend, "parm_reconstructions_total") == 0
+
+
+def test_coded_parity_crash_plus_stalled_data_instance_resends_after_the_stall_kill() -> None:
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1, stall_timeout_ms=30)
+    (parity,) = ids(backend, "parity")
+    qs = queries(2, seed=23)
+
+    async def main():
+        async with serving(frontend):
+            backend.stall(0)
+            backend.crash_on(parity, backend.received(parity))
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert [p.source for p in preds] == [Source.RETRIED, Source.ORIGINAL]
+    assert [i for i, _ in backend.kills] == [0]
+    assert "stall_timeout_ms=30" in backend.kills[0][1]
+
+
+@pytest.mark.parametrize(("k", "batch_size"), [(2, 1), (3, 1), (4, 1), (2, 3)])
+def test_coded_lone_batch_is_protected_by_a_partial_group_filled_with_zero_queries(k: int, batch_size: int) -> None:
+    frontend, backend = build("coded", m=2, k=k, batch_size=batch_size, group_wait_ms=5, stall_timeout_ms=5_000)
+    (parity,) = ids(backend, "parity")
+    q = queries(1, seed=30 + k)[0]
+
+    async def main():
+        async with serving(frontend):
+            for d in ids(backend, "data"):
+                backend.stall(d, persist=True)  # no original will ever come
+            return await asyncio.wait_for(frontend.submit(q), WAIT_S)
+
+    pred = run(main())
+    assert pred.source is Source.RECONSTRUCTED
+    assert_true_scores([pred], q[None])  # decoded with the filler F(0) for the k - 1 zero queries
+    (p_sent,) = [s for s in backend.sends_to("parity")]
+    assert p_sent.instance == parity
+    expected = torch.zeros(batch_size, *S)  # (B, *S): q + zero padding, plus k - 1 zero queries
+    expected[0] = q
+    assert torch.equal(p_sent.inputs, expected)
+
+
+# ---- batching ---------------------------------------------------------------------------------
+def test_batching_sends_full_batches_at_once_and_pads_a_partial_batch_after_batch_wait_ms() -> None:
+    frontend, backend = build("none", m=1, batch_size=4, batch_wait_ms=5)
+    qs = queries(6, seed=40)
+
+    async def main():
+        async with serving(frontend):
+            futures = [frontend.submit(q) for q in qs]
+            sent_at_once = list(backend.sends)  # before yielding to the loop
+            return sent_at_once, await answers(futures)
+
+    sent_at_once, preds = run(main())
+    assert len(sent_at_once) == 1 and torch.equal(sent_at_once[0].inputs, qs[:4])
+    assert len(backend.sends) == 2
+    partial = backend.sends[1].inputs  # (4, *S)
+    assert torch.equal(partial[:2], qs[4:]) and torch.equal(partial[2:], torch.zeros(2, *S))
+    assert_true_scores(preds, qs)
+    assert all(p.source is Source.ORIGINAL for p in preds)
+    assert min(p.latency_ms for p in preds[4:]) >= 5 * 0.9  # the partial batch waited batch_wait_ms
+    assert len(frontend.records) == 6 and frontend.counts[Source.ORIGINAL] == 6
+    assert sorted((r.batch_id, r.row) for r in frontend.records) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+
+
+# ---- stalls, deadlines ------------------------------------------------------------------------
+def test_a_stalled_instance_is_killed_and_its_batch_resent_elsewhere() -> None:
+    frontend, backend = build("none", m=2, stall_timeout_ms=30)
+    q = queries(1, seed=50)[0]
+
+    async def main():
+        async with serving(frontend):
+            backend.stall(0)
+            pred = await asyncio.wait_for(frontend.submit(q), WAIT_S)
+            await backend.until(lambda: frontend.health()["instances"][0]["healthy"])
+            return pred
+
+    pred = run(main())
+    assert pred.source is Source.RETRIED and pred.instance == 1
+    assert_true_scores([pred], q[None])
+    assert [i for i, _ in backend.kills] == [0] and "stall_timeout_ms=30" in backend.kills[0][1]
+    assert sample(frontend, "parm_instance_restarts_total", instance="0") == 1
+    assert sample(frontend, "parm_resends_total") == 1
+
+
+@pytest.mark.parametrize("mode", ["none", "coded"])
+def test_a_query_with_no_possible_answer_fails_with_deadline_exceeded(mode: str) -> None:
+    frontend, backend = build(mode, m=1, deadline_ms=40, stall_timeout_ms=10_000)
+    q = queries(1, seed=51)[0]
+
+    async def main():
+        async with serving(frontend):
+            for spec in backend.instances:
+                backend.stall(spec.instance_id, persist=True)
+            return await answers([frontend.submit(q)])
+
+    (err,) = run(main())
+    assert isinstance(err, DeadlineExceededError) and err.deadline_s == pytest.approx(0.04)
+    assert frontend.counts[Source.ERROR] == 1
+    assert [r.source for r in frontend.records] == [Source.ERROR]
+    assert sample(frontend, "parm_queries_total", source="error") == 1
+    assert frontend.pending_queries() == 0
+
+
+def test_deadline_holds_while_a_stalled_instance_is_killed_again_and_again() -> None:
+    frontend, backend = build("none", m=2, deadline_ms=200, stall_timeout_ms=20)
+    q = queries(1, seed=52)[0]
+
+    async def main():
+        async with serving(frontend):
+            backend.stall(0, persist=True)
+            backend.stall(1, persist=True)
+            return await answers([frontend.submit(q)])
+
+    (err,) = run(main())
+    assert isinstance(err, DeadlineExceededError)
+    assert len(backend.kills) >= 2
+
+
+# ---- refusals and errors ----------------------------------------------------------------------
+def test_overload_refuses_with_429_and_counts_the_refusal() -> None:
+    frontend, backend = build("none", m=1, max_pending_queries=3)
+    qs = queries(4, seed=60)
+
+    async def main():
+        async with serving(frontend):
+            backend.stall(0, persist=True)
+            accepted = [frontend.submit(q) for q in qs[:3]]
+            assert frontend.pending_queries() == 3
+            with pytest.raises(OverloadedError) as caught:
+                frontend.submit(qs[3])
+            assert frontend.health()["pending_queries"] == 3
+        return caught.value, await answers(accepted)
+
+    err, refused_later = run(main())
+    assert err.status == 429 and err.limit == "max_pending_queries" and "3" in str(err)
+    assert sample(frontend, "parm_rejected_queries_total", reason="overloaded") == 1
+    assert all(isinstance(e, ServingError) for e in refused_later)  # failed by stop(), not hung
+
+
+def test_bad_query_shape_is_refused() -> None:
+    frontend, backend = build("none", m=1)
+
+    async def main():
+        async with serving(frontend):
+            with pytest.raises(BadQueryError) as caught:
+                frontend.submit(torch.zeros(1, 4, 5))
+            with pytest.raises(ValueError):
+                frontend.submit(torch.zeros(*S)[None])
+            return caught.value
+
+    err = run(main())
+    assert err.field == "inputs" and err.status == 422 and "[1, 4, 5]" in str(err)
+    assert backend.sends == [] and frontend.pending_queries() == 0
+
+
+@pytest.mark.parametrize("mode", ["none", "coded"])
+def test_a_model_error_fails_only_its_batch_and_serving_goes_on(mode: str) -> None:
+    frontend, backend = build(mode, m=1, batch_size=2, max_in_flight=1)
+    qs = queries(6, seed=70)
+
+    async def main():
+        async with serving(frontend):
+            backend.model_error(0, times=1)  # the first data batch (queries 0, 1) fails
+            first = await answers([frontend.submit(q) for q in qs[:4]])
+            later = await answers([frontend.submit(q) for q in qs[4:]])
+            return first + later
+
+    results = run(main())
+    if mode == "coded":  # the group decodes the batch the model failed on
+        assert [r.source for r in results[:2]] == [Source.RECONSTRUCTED] * 2
+        assert_true_scores(results, qs)
+        assert frontend.counts[Source.ERROR] == 0 and len(frontend.records) == 6
+        return
+    for err in results[:2]:
+        assert type(err) is ServingError and "model failed" in str(err)
+    assert_true_scores(results[2:], qs[2:])
+    assert frontend.counts[Source.ERROR] == 2 and len(frontend.records) == 6
+
+
+def test_coded_parity_model_error_falls_back_to_resending_a_failed_batch() -> None:
+    """When the parity instance *crashes*, the failed batch is re-sent."""
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1, deadline_ms=400)
+    (parity,) = ids(backend, "parity")
+    qs = queries(2, seed=71)
+
+    async def main():
+        async with serving(frontend):
+            backend.crash_on(parity, backend.received(parity))
+            backend.crash_on(0, backend.received(0))
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+
+
+def test_coded_parity_model_error_then_data_crash_still_answers() -> None:
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1, deadline_ms=400)
+    (parity,) = ids(backend, "parity")
+    qs = queries(2, seed=72)
+
+    async def main():
+        async with serving(frontend):
+            backend.model_error(parity, times=1)
+            backend.crash_on(0, backend.received(0))
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)  # got DeadlineExceededError for query 0
+    assert preds[0].source is Source.RETRIED
+
+
+def test_coded_data_model_error_then_crash_of_the_other_member_still_answers_it() -> None:
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1, deadline_ms=400)
+    qs = queries(2, seed=77)
+
+    async def main():
+        async with serving(frontend):
+            backend.model_error(0, times=1)  # batch 0 (on instance 0) fails: expected
+            backend.crash_on(1, backend.received(1))  # batch 1's instance dies
+            return await answers([frontend.submit(q) for q in qs])
+
+    errored, pred = run(main())
+    # both are unavailable now (model error, crash): the group cannot decode, so both are re-sent
+    assert isinstance(errored, Prediction) and isinstance(pred, Prediction), f"got {errored!r}, {pred!r}"
+    assert errored.source is Source.RETRIED  # re-sent; with it back, the other decodes (or its copy wins)
+    assert pred.source in (Source.RETRIED, Source.RECONSTRUCTED)
+    assert_true_scores([errored, pred], qs)
+
+
+def test_crash_of_the_only_data_instance_is_retried_after_it_restarts() -> None:
+    frontend, backend = build("none", m=1, deadline_ms=400)
+    q = queries(1, seed=73)[0]
+
+    async def main():
+        async with serving(frontend):
+            backend.crash_on(0, backend.received(0))
+            return await answers([frontend.submit(q)])
+
+    (pred,) = run(main())
+    assert isinstance(pred, Prediction), f"got {pred!r}"
+    assert pred.source is Source.RETRIED
+
+
+def test_coded_members_of_a_group_go_to_different_instances() -> None:
+    frontend, backend = build("coded", m=2, k=2)  # default max_in_flight=2
+    qs = queries(2, seed=74)
+
+    async def main():
+        async with serving(frontend):
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    (a,), (b,) = backend.sends_of(qs[0]), backend.sends_of(qs[1])
+    assert a.instance != b.instance
+
+
+def test_coded_one_slow_instance_is_covered_with_default_config() -> None:
+    frontend, backend = build("coded", m=2, k=2)
+    qs = queries(2, seed=75)
+
+    async def main():
+        async with serving(frontend):
+            backend.set_delay(0, 0.2)  # instance 0 is the first one pump offers work to
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    # members on different instances: the slow one's batch is reconstructed within a few ms
+    assert max(p.latency_ms for p in preds) < 100, [(p.source, p.instance, p.latency_ms) for p in preds]
+
+
+def test_stop_fails_queries_still_waiting_for_their_batch() -> None:
+    frontend, backend = build("none", m=1, batch_size=4, batch_wait_ms=5)
+    q = queries(1, seed=76)[0]
+
+    async def main():
+        await frontend.start()
+        future = frontend.submit(q)
+        await frontend.stop()
+        return await answers([future], timeout_s=0.5)
+
+    try:
+        (err,) = run(main())
+    except asyncio.TimeoutError:
+        pytest.fail("the query submitted before stop() was never answered")
+    assert isinstance(err, ServingError)
+    assert backend.sends_after_stop == 0
+
+
+# ---- metrics and health -----------------------------------------------------------------------
+def test_metrics_count_queries_by_source_and_reconstructed_batches() -> None:
+    frontend, backend = build("coded", m=2, k=2, batch_size=2, max_in_flight=1, dispatch="round_robin")
+    qs = queries(4, seed=80)  # two batches of two: one coding group
+
+    async def main():
+        async with serving(frontend):
+            data = ids(backend, "data")
+            straggler = data[(data.index(backend.sends[0].instance) + 1) % len(data)]
+            backend.stall(straggler)
+            preds = await answers([frontend.submit(q) for q in qs])
+            return preds
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert [p.source for p in preds] == [Source.RECONSTRUCTED] * 2 + [Source.ORIGINAL] * 2
+    assert sample(frontend, "parm_queries_total", source="reconstructed") == 2  # queries
+    assert sample(frontend, "parm_reconstructions_total") == 1  # batches
+    assert sample(frontend, "parm_queries_total", source="original") == 2
+    assert frontend.counts[Source.RECONSTRUCTED] == 2
+
+
+def test_health_reports_instances_and_follows_a_crash() -> None:
+    frontend, backend = build("coded", m=2, k=2, restart_s=0.01)
+
+    async def main():
+        async with serving(frontend):
+            before = frontend.health()
+            backend.crash(1)
+            during = frontend.health()
+            await backend.until(lambda: backend.healthy(1))
+            return before, during, frontend.health()
+
+    before, during, after = run(main())
+    assert before["ok"] and before["mode"] == "coded"
+    assert [(i["id"], i["role"], i["healthy"]) for i in before["instances"]] == \
+        [(0, "data", True), (1, "data", True), (2, "parity", True)]
+    assert during["ok"] and not during["instances"][1]["healthy"]
+    assert after["instances"][1]["healthy"]
+    assert sample(frontend, "parm_instance_healthy", instance="1", role="data") == 1
