@@ -47,3 +47,17 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PARM_CACHE_DIR", str(tmp_path_factory.mktemp("parm-cache")))
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, Path]:
+    """A base MLP and its k=2 addition parity model, one epoch each (MNIST: real or generated)."""
+    from parm.coding import CodeConfig
+    from parm.training import OptimConfig, ParityConfig, train_base, train_parity
+
+    work = tmp_path_factory.mktemp("tiny-ckpt")
+    train_base("mnist", "mlp", work / "base", optim=OptimConfig(epochs=1, batch_size=128, val_size=200),
+               data_root=data_root, progress=False)
+    train_parity(work / "base", work / "parity", ParityConfig(CodeConfig(k=2), init="base"),
+                 OptimConfig(epochs=1, batch_size=256, val_size=200), data_root=data_root, progress=False)
+    return work / "base", work / "parity"

@@ -16,6 +16,7 @@ from parm.errors import (  # noqa: E402
     TrainingError,
 )
 from parm.models import build_model  # noqa: E402
+from parm.serving import Frontend, Prediction, ServingConfig, Source  # noqa: E402
 from parm.training import (  # noqa: E402
     EvalResult,
     ModelRecord,
@@ -39,12 +40,16 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EvalResult",
+    "Frontend",
     "ModelRecord",
     "NonFiniteLossError",
     "OptimConfig",
     "ParityConfig",
     "ParmError",
+    "Prediction",
+    "ServingConfig",
     "ShapeError",
+    "Source",
     "TrainingError",
     "__version__",
     "base_recipe",

@@ -103,23 +103,11 @@ def test_answers_are_exact_through_kill_for_linear_models() -> None:
         torch.testing.assert_close(scores, want[batch_id], rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, Path]:
-    from parm.training import OptimConfig, ParityConfig, train_base, train_parity
-
-    work = tmp_path_factory.mktemp("serving-ckpt")
-    train_base("mnist", "mlp", work / "base", optim=OptimConfig(epochs=1, batch_size=128, val_size=200),
-               data_root=data_root, progress=False)
-    train_parity(work / "base", work / "parity", ParityConfig(CodeConfig(k=2), init="base"),
-                 OptimConfig(epochs=1, batch_size=256, val_size=200), data_root=data_root, progress=False)
-    return work / "base", work / "parity"
-
-
-def test_served_reconstructions_equal_offline_decoder(checkpoints: tuple[Path, Path]) -> None:
+def test_served_reconstructions_equal_offline_decoder(tiny_checkpoints: tuple[Path, Path]) -> None:
     """Same checkpoints, same groups: the serving path's decoded scores equal reconstruct_each's."""
     from parm.training import load_checkpoint
 
-    base_dir, parity_dir = checkpoints
+    base_dir, parity_dir = tiny_checkpoints
     base_model, base = load_checkpoint(base_dir)
     parity_model, _ = load_checkpoint(parity_dir)
     roles = instance_roles("coded", 2, 2)

@@ -1,0 +1,151 @@
+"""`parm serve` as a real process over real HTTP: predictions, bad input, overload, a crash
+mid-traffic, metrics, and a clean Ctrl-C with no orphan processes."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHAPE = (1, 28, 28)
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints: tuple[Path, Path]):
+    base, parity = tiny_checkpoints
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parm.cli", "serve", "--base", str(base), "--parity", str(parity), "--instances", "2",
+         "--mode", "coded", "--host", "127.0.0.1", "--port", "0", "--max-pending", "64",
+         "--faults", "crash:instance=1,at_s=4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("ready ") or proc.poll() is not None:
+            break
+    if not line.startswith("ready http://127.0.0.1:"):
+        proc.kill()
+        pytest.fail(f"server did not start: {line!r} {proc.stderr.read()}")
+    port = int(line.strip().rsplit(":", 1)[1])
+    yield proc, port
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def _predict(port: int, payload) -> tuple[int, dict]:
+    status, _, body = _request(port, "POST", "/v1/predict", json.dumps(payload).encode())
+    return status, json.loads(body)
+
+
+def test_predict_lists_and_base64(server) -> None:
+    _, port = server
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, *SHAPE)).astype(np.float32)
+    status, out = _predict(port, {"inputs": x.reshape(3, -1).tolist()})
+    assert status == 200 and len(out["outputs"]) == 3
+    first = out["outputs"][0]
+    assert set(first) == {"class", "scores", "source", "latency_ms"} and len(first["scores"]) == 10
+    assert first["source"] in ("original", "reconstructed", "retried") and first["class"] == int(np.argmax(first["scores"]))
+    status, out64 = _predict(port, {"inputs": {"data": base64.b64encode(x.tobytes()).decode(), "shape": [3, *SHAPE]}})
+    assert status == 200 and len(out64["outputs"]) == 3
+    for a, b in zip(out64["outputs"], out["outputs"]):  # reconstructions are approximate: compare originals
+        if a["source"] == b["source"] == "original":
+            np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "JSON"),
+    (json.dumps({"inputs": [[0.0] * 783]}).encode(), 422, "783"),
+    (json.dumps({"inputs": []}).encode(), 422, "empty"),
+    (b'{"inputs": [[NaN' + b', 0.0' * 783 + b']]}', 422, "finite"),
+    (json.dumps({"queries": [[0.0] * 784]}).encode(), 422, "inputs"),
+])
+def test_bad_input_is_refused_and_server_keeps_serving(server, body: bytes, status: int, words: str) -> None:
+    _, port = server
+    got, _, raw = _request(port, "POST", "/v1/predict", body)
+    assert got == status, raw
+    assert words.lower() in json.loads(raw)["error"]["message"].lower()
+    assert _predict(port, {"inputs": [[0.0] * 784]})[0] == 200
+
+
+def test_overload_answers_429(server) -> None:
+    _, port = server
+    status, out = _predict(port, {"inputs": np.zeros((100, 784)).tolist()})  # more than --max-pending 64
+    assert status == 429 and "retry" in out["error"]["message"]
+
+
+def test_crash_mid_traffic_loses_nothing_then_metrics_and_health(server) -> None:
+    _, port = server
+    rng = np.random.default_rng(1)
+    sources: dict[str, int] = {}
+    start = time.monotonic()
+    while time.monotonic() - start < 6.0:  # the crash fault fires at 4 s after start
+        status, out = _predict(port, {"inputs": rng.standard_normal((2, 784)).astype(np.float32).tolist()})
+        assert status == 200, out
+        for o in out["outputs"]:
+            sources[o["source"]] = sources.get(o["source"], 0) + 1
+    status, _, health = _request(port, "GET", "/healthz")
+    assert status == 200 and json.loads(health)["ok"] is True
+    status, headers, metrics = _request(port, "GET", "/metrics")
+    text = metrics.decode()
+    assert status == 200 and "parm_queries_total" in text and "parm_instance_healthy" in text
+    assert "parm_query_latency_seconds_bucket" in text and "parm_queue_depth" in text
+    assert sum(sources.values()) > 50
+
+
+def test_ctrl_c_stops_cleanly_without_orphans(server) -> None:
+    proc, port = server
+    family = _descendants(proc.pid)
+    assert len(family) >= 3  # forkserver and the instances
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert "stopped" in proc.stdout.read()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in family):
+        time.sleep(0.1)
+    assert not [p for p in family if _alive(p)]
