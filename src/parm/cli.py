@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -96,7 +97,59 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_demo)
+
+    for name, helptext in (("bench", "run an experiment file on this machine (open-loop load, every mode)"),
+                           ("simulate", "run an experiment file in the cluster simulator")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("experiment", type=Path, help="experiment TOML file (see experiments/)")
+        p.add_argument("--modes", default=None, help="comma-separated modes (default: the file's)")
+        p.add_argument("--queries", type=int, default=None, help="queries per run (default: the file's)")
+        p.add_argument("--rate", type=float, default=None, help="queries/s; replaces a rate sweep")
+        p.add_argument("--trials", type=int, default=None)
+        p.add_argument("--out", type=Path, default=None, help=f"output folder (default: runs/{name}/NAME)")
+        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("-v", "--verbose", action="store_true")
+        p.set_defaults(func=_bench if name == "bench" else _simulate)
     return parser
+
+
+def _experiment(args: argparse.Namespace, kind: str):
+    from parm.bench.experiment import load_experiment
+
+    exp = load_experiment(args.experiment)
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    exp = exp.with_overrides(modes=modes, queries=args.queries, rate=args.rate, trials=args.trials)
+    if kind == "simulate" and args.queries is not None:
+        exp = dataclasses.replace(exp, simulate={**exp.simulate, "queries": args.queries})
+    if kind == "simulate" and args.rate is not None:
+        exp = dataclasses.replace(exp, simulate={**{k: v for k, v in exp.simulate.items() if k != "rates"},
+                                                 "rate": args.rate})
+    return exp, args.out or Path("runs") / kind / exp.name
+
+
+def _print_result(label: str, mode: str, stats: dict) -> None:
+    print(f"  {label:>10s} {mode:10s} instances={stats['instances']:<3d} p50={stats['p50_ms']:.2f} ms "
+          f"p99={stats['p99_ms']:.2f} ms p99.9={stats['p999_ms']:.2f} ms lost={stats['lost']}", flush=True)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from parm.bench.run_experiment import format_summary, run_bench
+
+    exp, out = _experiment(args, "bench")
+    summary = run_bench(exp, out, progress=not args.no_progress, on_result=_print_result)
+    print(format_summary(summary))
+    print(f"results in {out}/summary.json")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from parm.bench.run_experiment import format_summary, run_simulation
+
+    exp, out = _experiment(args, "simulate")
+    summary = run_simulation(exp, out, on_result=_print_result)
+    print(format_summary(summary))
+    print(f"results in {out}/summary.json")
+    return 0
 
 
 DEMO_FAULTS = "slow:rate_hz=0.1,duration_s=1,factor=20;crash:instance=1,at_s=8;seed=1"
@@ -251,7 +304,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.command in ("serve", "demo")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.command in ("serve", "demo", "bench", "simulate")
                         else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func

@@ -37,8 +37,11 @@ class LoadSpec:
 
 
 async def run_mode(system: SystemSpec, inputs: torch.Tensor, labels: torch.Tensor | None, load: LoadSpec,
-                   *, progress: bool = False, backend_factory: Callable | None = None) -> dict[str, Any]:
-    """Start ``system``, send the load, stop, and summarise (latency, sources, accuracy, instances)."""
+                   *, progress: bool = False, backend_factory: Callable | None = None,
+                   records: list | None = None) -> dict[str, Any]:
+    """Start ``system``, send the load, stop, and summarise (latency, sources, accuracy, instances).
+
+    Every query's record (QueryResult) is appended to ``records`` when given."""
     frontend = build_system(system, backend_factory=backend_factory)
     arrivals = poisson_arrivals_s(load.queries, load.rate_qps, load.seed)
     started = time.monotonic()
@@ -51,6 +54,8 @@ async def run_mode(system: SystemSpec, inputs: torch.Tensor, labels: torch.Tenso
     finally:
         bar.close()
         await frontend.stop()
+    if records is not None:
+        records.extend(results)
     summary = summarize(results, load.queries, labels=None if labels is None else labels.tolist(), warmup=load.warmup)
     roles = system.roles()
     summary.update(mode=system.serving.mode, instances=len(roles), roles={r: roles.count(r) for r in set(roles)},

@@ -1,0 +1,251 @@
+"""Cluster simulator: the real frontend and tracker over simulated instances, in virtual time.
+
+Nothing about ParM's rules is re-implemented here: :class:`parm.serving.Frontend` runs
+unchanged on a :class:`VirtualTimeLoop`, over :class:`SimBackend`, whose instances are single
+servers (one batch at a time, FIFO) with service times drawn from a :class:`ServiceModel` and
+stretched by the same seeded fault schedules (:mod:`parm.faults`) the real instances use.
+Latencies stream into a :class:`LatencyHistogram`, so memory does not grow with the number of
+queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from parm.backends.base import Backend, InstanceSpec, ModelRef
+from parm.bench.histogram import LatencyHistogram
+from parm.bench.simloop import run_virtual
+from parm.errors import ConfigError, ServingError
+from parm.faults import FaultSpec, InstanceFaults
+from parm.serving import Frontend, ServingConfig, Source
+
+SIM_CLASSES = 2
+SIM_QUERY_SHAPE = (1,)
+
+
+@dataclass(frozen=True)
+class ServiceModel:
+    """Service time of one batch on one instance, in milliseconds.
+
+    ``constant``: always ``median_ms``. ``lognormal``: median ``median_ms``, log-space sigma
+    ``sigma``. ``empirical``: resampled from ``samples_ms`` (e.g. measured by ``parm bench``).
+    ``per_query_ms`` is added per query in the batch.
+    """
+
+    kind: str = "lognormal"
+    median_ms: float = 5.0
+    sigma: float = 0.1
+    samples_ms: tuple[float, ...] = ()
+    per_query_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "lognormal", "empirical"):
+            raise ConfigError(f"service kind must be constant, lognormal or empirical; got {self.kind!r}",
+                              field="service.kind", value=self.kind)
+        if self.kind == "empirical" and not self.samples_ms:
+            raise ConfigError("empirical service times need samples_ms", field="service.samples_ms", value=())
+        if self.median_ms <= 0 or self.sigma < 0 or self.per_query_ms < 0:
+            raise ConfigError(f"service times must be positive; got median_ms={self.median_ms}, sigma={self.sigma}",
+                              field="service.median_ms", value=self.median_ms)
+
+    def sampler(self, rng: np.random.Generator) -> Callable[[int], float]:
+        """A function batch_size -> service seconds."""
+        samples = np.asarray(self.samples_ms, dtype=np.float64)
+
+        def draw(batch: int) -> float:
+            if self.kind == "constant":
+                base = self.median_ms
+            elif self.kind == "lognormal":
+                base = self.median_ms * math.exp(self.sigma * rng.standard_normal())
+            else:
+                base = float(samples[rng.integers(len(samples))])
+            return (base + self.per_query_ms * batch) / 1e3
+
+        return draw
+
+
+@dataclass
+class _SimInstance:
+    spec: InstanceSpec
+    faults: InstanceFaults | None
+    draw: Callable[[int], float]
+    free_at: float = 0.0
+    generation: int = 0
+    healthy: bool = True
+    seq: int = 0
+    in_flight: set[int] = field(default_factory=set)
+
+
+class SimBackend(Backend):
+    """Simulated instances (see module docstring). Crashed or killed instances come back after
+    ``restart_s``; a stalled instance never answers until the frontend kills it."""
+
+    def __init__(self, roles: list[str], service: ServiceModel, *, faults: FaultSpec | None = None, seed: int = 0,
+                 horizon_s: float = 3600.0, restart_s: float = 1.0) -> None:
+        model = ModelRef(factory="parm.models.toy:constant")
+        self.instances = [InstanceSpec(i, role, model) for i, role in enumerate(roles)]
+        self.service, self.fault_spec, self.seed = service, faults, seed
+        self.horizon_s, self.restart_s = horizon_s, restart_s
+        self.t0 = 0.0
+        self.restarts = 0
+        self._zeros: dict[int, torch.Tensor] = {}
+
+    async def start(self, on_result, on_failure, on_ready) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_result, self._on_failure, self._on_ready = on_result, on_failure, on_ready
+        self.t0 = self._loop.time()
+        self._sims = []
+        for spec in self.instances:
+            faults = None if self.fault_spec is None else InstanceFaults.build(self.fault_spec, spec.instance_id,
+                                                                              self.horizon_s)
+            rng = np.random.default_rng([self.seed, spec.instance_id])
+            self._sims.append(_SimInstance(spec, faults, self.service.sampler(rng)))
+        self._schedule_crashes()
+
+    def set_time_origin(self, t0_wall_s: float) -> None:
+        self.t0 = self._loop.time()
+        self._schedule_crashes()
+
+    def _schedule_crashes(self) -> None:
+        for sim in self._sims:
+            if sim.faults is not None and sim.faults.crash_at_s is not None:
+                gen = sim.generation
+                self._loop.call_at(self.t0 + sim.faults.crash_at_s, self._crash_if, sim, gen)
+
+    def _crash_if(self, sim: _SimInstance, generation: int) -> None:
+        if sim.generation == generation and sim.healthy:
+            self._fail(sim, "injected crash")
+
+    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor) -> None:
+        sim = self._sims[instance_id]
+        now = self._loop.time()
+        start = max(now, sim.free_at)
+        t_rel = start - self.t0
+        if sim.faults is not None and sim.faults.stalled(t_rel):
+            sim.free_at = math.inf  # silent until killed
+            sim.in_flight.add(work_id)
+            return
+        service = sim.draw(inputs.shape[0])
+        if sim.faults is not None:
+            service = sim.faults.service_time_s(t_rel, service, sim.seq)
+        sim.seq += 1
+        sim.free_at = start + service
+        sim.in_flight.add(work_id)
+        self._loop.call_at(sim.free_at, self._done, sim, sim.generation, work_id, inputs.shape[0])
+
+    def _done(self, sim: _SimInstance, generation: int, work_id: int, batch: int) -> None:
+        if generation != sim.generation:
+            return
+        sim.in_flight.discard(work_id)
+        out = self._zeros.get(batch)
+        if out is None:
+            out = self._zeros[batch] = torch.zeros(batch, SIM_CLASSES)
+        self._on_result(sim.spec.instance_id, work_id, out, None)
+
+    def _fail(self, sim: _SimInstance, reason: str) -> None:
+        sim.generation += 1
+        sim.healthy = False
+        sim.in_flight.clear()
+        sim.free_at = self._loop.time()
+        self.restarts += 1
+        self._on_failure(sim.spec.instance_id, reason)
+        self._loop.call_later(self.restart_s, self._restart, sim)
+
+    def _restart(self, sim: _SimInstance) -> None:
+        sim.healthy = True
+        sim.free_at = max(sim.free_at, self._loop.time())
+        self._on_ready(sim.spec.instance_id)
+
+    def healthy(self, instance_id: int) -> bool:
+        return self._sims[instance_id].healthy
+
+    def kill(self, instance_id: int, reason: str) -> None:
+        sim = self._sims[instance_id]
+        if sim.healthy:
+            self._fail(sim, reason)
+
+    async def stop(self) -> None:
+        for sim in self._sims:
+            sim.generation += 1
+
+
+@dataclass
+class SimResult:
+    histogram: LatencyHistogram
+    sources: dict[str, int]
+    queries: int
+    errors: int
+    lost: int
+    restarts: int
+    virtual_s: float
+
+    def summary(self) -> dict[str, Any]:
+        kept = max(self.queries, 1)
+        return {**self.histogram.summary(), "queries": self.queries, "errors": self.errors, "lost": self.lost,
+                "sources": self.sources, "reconstructed_fraction": self.sources.get("reconstructed", 0) / kept,
+                "restarts": self.restarts, "virtual_s": self.virtual_s}
+
+
+async def _drive(frontend: Frontend, n: int, rate_qps: float, seed: int, warmup: int,
+                 histogram: LatencyHistogram) -> SimResult:
+    loop = asyncio.get_running_loop()
+    await frontend.start()
+    frontend.backend.set_time_origin(0.0)
+    rng = np.random.default_rng(seed)
+    query = torch.zeros(*SIM_QUERY_SHAPE)
+    sources: dict[str, int] = {}
+    state = {"answered": 0, "errors": 0}
+    done = asyncio.Event()
+    start = loop.time()
+
+    def finished(index: int, scheduled: float, future: asyncio.Future) -> None:
+        state["answered"] += 1
+        if future.cancelled() or future.exception() is not None:
+            state["errors"] += index >= warmup
+        elif index >= warmup:
+            histogram.record((loop.time() - scheduled) * 1e3)
+            source = future.result().source.value
+            sources[source] = sources.get(source, 0) + 1
+        if state["answered"] == n:
+            done.set()
+
+    next_t = start
+    for i in range(n):
+        delay = next_t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            future = frontend.submit(query)
+        except ServingError:
+            state["answered"] += 1
+            state["errors"] += i >= warmup
+            continue
+        future.add_done_callback(lambda f, i=i, t=next_t: finished(i, t, f))
+        next_t += rng.exponential(1.0 / rate_qps)
+    if state["answered"] < n:
+        await done.wait()
+    virtual_s = loop.time() - start
+    await frontend.stop()
+    kept = n - warmup
+    return SimResult(histogram, sources, kept, state["errors"], kept - sum(sources.values()) - state["errors"],
+                     frontend.backend.restarts, virtual_s)
+
+
+def simulate(config: ServingConfig, roles: list[str], service: ServiceModel, *, queries: int, rate_qps: float,
+             faults: FaultSpec | None = None, seed: int = 0, warmup: int = 0, restart_s: float = 1.0,
+             histogram: LatencyHistogram | None = None) -> SimResult:
+    """Run ``queries`` Poisson arrivals through the real frontend over simulated instances."""
+    if config.query_shape != SIM_QUERY_SHAPE:
+        raise ConfigError(f"simulated queries have shape {SIM_QUERY_SHAPE}; build the ServingConfig with it",
+                          field="query_shape", value=config.query_shape)
+    backend = SimBackend(roles, service, faults=faults, seed=seed, restart_s=restart_s,
+                         horizon_s=max(3600.0, 10 * queries / rate_qps))
+    frontend = Frontend(config, backend)
+    frontend.counts = {s: 0 for s in Source}
+    return run_virtual(_drive(frontend, queries, rate_qps, seed, warmup, histogram or LatencyHistogram()))
