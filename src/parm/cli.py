@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-index", type=int, default=0, help="which of the r parities to train (default: 0)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
     p.add_argument("--recipe", default="default", choices=["default", "paper"],
-                   help="default: init from base, one-cycle LR, 256 groups/step, 150 epochs; "
+                   help="default: init from base, one-cycle LR, 256 groups/step, 400 epochs; "
                         "paper: from scratch, Adam 1e-3, 64 (k=2) or 32 groups/step, 500 epochs")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--batch-groups", type=int, default=None, help="override the recipe's groups per step")

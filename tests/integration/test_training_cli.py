@@ -123,3 +123,17 @@ def test_nan_loss_stops_with_clear_error(trained: Path, data_root: Path, tmp_pat
     assert result.returncode == 1
     assert "loss became nan" in result.stderr and "nothing was saved" in result.stderr
     assert not (tmp_path / "nan" / "record.json").exists()
+
+
+def test_second_parity_of_an_r2_code(trained: Path, data_root: Path) -> None:
+    """--r 2 --parity-index 1 trains the parity that targets Σ_j (j+1)·F(X_j); eval reconstructs with it."""
+    result = parm("train-parity", "--base", trained / "base", "--k", "2", "--r", "2", "--parity-index", "1",
+                  "--out", trained / "k2-r2-p1", "--epochs", "2", "--data-root", data_root, "--no-progress",
+                  cwd=trained)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((trained / "k2-r2-p1" / "record.json").read_text())
+    assert (record["k"], record["r"], record["parity_index"]) == (2, 2, 1)
+    out = parm("eval", "--base", trained / "base", "--parity", trained / "k2-r2-p1", "--json", trained / "r2.json",
+               "--data-root", data_root, cwd=trained)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((trained / "r2.json").read_text())["degraded_top1"] > 0.3

@@ -32,6 +32,11 @@ WAIT_S = 2.0  # longest any single await in these tests may take
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+def first_data(frontend) -> int:
+    """The data instance the next batch goes to (the one idle longest)."""
+    return next(iter(frontend.dispatcher._free["data"]))
+
 def build(mode: str = "coded", *, m: int = 2, k: int = 2, delay_s: float = 0.001, restart_s: float = 0.005,
           **config) -> tuple[Frontend, FakeBackend]:
     backend = FakeBackend(specs_for(instance_roles(mode, m, k), S, C, k), delay_s=delay_s, restart_s=restart_s)
@@ -217,19 +222,20 @@ def test_coded_crash_of_a_data_instance_reconstructs_its_batch_and_loses_nothing
 
     async def main():
         async with serving(frontend):
-            backend.crash_on(0, backend.received(0))  # dies holding the first batch
+            first = first_data(frontend)
+            backend.crash_on(first, backend.received(first))  # dies holding the first batch
             preds = await answers([frontend.submit(q) for q in qs])
-            await backend.until(lambda: frontend.health()["instances"][0]["healthy"])
-            return preds
+            await backend.until(lambda: frontend.health()["instances"][first]["healthy"])
+            return preds, first
 
-    preds = run(main())
+    preds, first = run(main())
     assert_true_scores(preds, qs)
     assert preds[0].source is Source.RECONSTRUCTED
-    assert backend.crashes == [0] and len(backend.dropped) == 1
+    assert backend.crashes == [first] and len(backend.dropped) == 1
     assert backend.dropped[0] == backend.sends_of(qs[0])[0].work_id
     assert frontend.counts[Source.ERROR] == 0 and len(frontend.records) == 6
-    assert sample(frontend, "parm_instance_restarts_total", instance="0") == 1
-    assert sample(frontend, "parm_instance_healthy", instance="0", role="data") == 1
+    assert sample(frontend, "parm_instance_restarts_total", instance=str(first)) == 1
+    assert sample(frontend, "parm_instance_healthy", instance=str(first), role="data") == 1
 
 
 def test_coded_crash_under_load_answers_every_query_correctly() -> None:
@@ -255,7 +261,8 @@ def test_coded_crash_of_data_and_parity_resends_the_batch() -> None:
 
     async def main():
         async with serving(frontend):
-            backend.crash_on(0, backend.received(0))
+            first = first_data(frontend)
+            backend.crash_on(first, backend.received(first))
             backend.crash_on(parity, backend.received(parity))
             return await answers([frontend.submit(q) for q in qs])
 
@@ -274,14 +281,15 @@ def test_coded_parity_crash_plus_stalled_data_instance_resends_after_the_stall_k
 
     async def main():
         async with serving(frontend):
-            backend.stall(0)
+            first = first_data(frontend)
+            backend.stall(first)
             backend.crash_on(parity, backend.received(parity))
-            return await answers([frontend.submit(q) for q in qs])
+            return await answers([frontend.submit(q) for q in qs]), first
 
-    preds = run(main())
+    preds, first = run(main())
     assert_true_scores(preds, qs)
     assert [p.source for p in preds] == [Source.RETRIED, Source.ORIGINAL]
-    assert [i for i, _ in backend.kills] == [0]
+    assert [i for i, _ in backend.kills] == [first]
     assert "stall_timeout_ms=30" in backend.kills[0][1]
 
 
@@ -469,7 +477,8 @@ def test_coded_parity_model_error_then_data_crash_still_answers() -> None:
     async def main():
         async with serving(frontend):
             backend.model_error(parity, times=1)
-            backend.crash_on(0, backend.received(0))
+            first = first_data(frontend)
+            backend.crash_on(first, backend.received(first))
             return await answers([frontend.submit(q) for q in qs])
 
     preds = run(main())

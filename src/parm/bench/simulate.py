@@ -23,7 +23,7 @@ from parm.bench.histogram import LatencyHistogram
 from parm.bench.simloop import run_virtual
 from parm.errors import ConfigError, ServingError
 from parm.faults import FaultSpec, InstanceFaults
-from parm.serving import Frontend, ServingConfig, Source
+from parm.serving import Frontend, ServingConfig
 
 SIM_CLASSES = 2
 SIM_QUERY_SHAPE = (1,)
@@ -192,9 +192,10 @@ class SimResult:
                 "restarts": self.restarts, "virtual_s": self.virtual_s}
 
 
-async def _drive(frontend: Frontend, n: int, rate_qps: float, seed: int, warmup: int,
+async def _drive(config: ServingConfig, backend: SimBackend, n: int, rate_qps: float, seed: int, warmup: int,
                  histogram: LatencyHistogram) -> SimResult:
     loop = asyncio.get_running_loop()
+    frontend = Frontend(config, backend, clock=loop.time)  # the frontend's clock is the virtual one too
     await frontend.start()
     frontend.backend.set_time_origin(0.0)
     rng = np.random.default_rng(seed)
@@ -246,6 +247,4 @@ def simulate(config: ServingConfig, roles: list[str], service: ServiceModel, *, 
                           field="query_shape", value=config.query_shape)
     backend = SimBackend(roles, service, faults=faults, seed=seed, restart_s=restart_s,
                          horizon_s=max(3600.0, 10 * queries / rate_qps))
-    frontend = Frontend(config, backend)
-    frontend.counts = {s: 0 for s in Source}
-    return run_virtual(_drive(frontend, queries, rate_qps, seed, warmup, histogram or LatencyHistogram()))
+    return run_virtual(_drive(config, backend, queries, rate_qps, seed, warmup, histogram or LatencyHistogram()))

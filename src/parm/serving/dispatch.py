@@ -6,7 +6,8 @@ dropped before it is ever sent. With the default *shared* dispatch, all instance
 pull from one queue as they free up (a slow instance takes less work). With *round_robin*,
 each batch is assigned to the next instance of its role and waits for that one.
 
-Picking from the shared queue, an instance never takes a second copy of a batch it already
+Instances are offered work in the order they became free (the longest idle first), which
+spreads load evenly. Picking from the shared queue, an instance never takes a second copy of a batch it already
 holds (hedged or replicated copies go elsewhere), skips batches that must avoid it (a re-send
 after it failed), and prefers a batch whose coding group has no other member on it, so that
 one slow or dead instance rarely holds two members of a group.
@@ -53,7 +54,12 @@ class InstanceState:
 
 
 class Dispatcher:
-    """Queues and in-flight bookkeeping; sends through the backend (see module docstring)."""
+    """Queues and in-flight bookkeeping; sends through the backend (see module docstring).
+
+    Costs do not grow with the number of instances: instances with a free slot are kept in a
+    set per role, in-flight and queued work is indexed by (kind, key), and cancelling a queued
+    copy only marks it (it is dropped when it reaches the head of the queue).
+    """
 
     def __init__(self, backend: Backend, max_in_flight: int, dispatch: str, clock: Callable[[], float]) -> None:
         self.backend = backend
@@ -61,9 +67,14 @@ class Dispatcher:
         self.round_robin = dispatch == "round_robin"
         self.clock = clock
         self.instances = {s.instance_id: InstanceState(s.instance_id, s.role) for s in backend.instances}
-        self._queues: dict[str, deque[Work]] = {role: deque() for role in {s.role for s in backend.instances}}
+        roles = sorted({s.role for s in backend.instances})
+        self._queues: dict[str, deque[Work]] = {role: deque() for role in roles}
+        self._free: dict[str, dict[int, None]] = {role: {s.instance_id: None for s in backend.instances
+                                                          if s.role == role} for role in roles}
+        self._by_key: dict[tuple[str, int], list[Work]] = {}
+        self._live: dict[str, int] = {role: 0 for role in roles}  # queued and not cancelled
         self._rr = {role: itertools.cycle([s.instance_id for s in backend.instances if s.role == role])
-                    for role in self._queues}
+                    for role in roles}
         self._ids = itertools.count()
 
     def new_id(self) -> int:
@@ -77,6 +88,8 @@ class Dispatcher:
             work.target = self._next_target(work)
         queue = self._queues[work.role]
         queue.appendleft(work) if front else queue.append(work)
+        self._by_key.setdefault((work.kind, work.key), []).append(work)
+        self._live[work.role] += 1
         self.pump(work.role)
 
     def _next_target(self, work: Work) -> int:
@@ -92,9 +105,13 @@ class Dispatcher:
         queue = self._queues.get(role)
         if not queue:
             return
-        free = [s for s in self.instances.values() if s.role == role and self.backend.healthy(s.instance_id)]
         for spread_groups in (True, False):  # first only work whose group is not on the instance yet
-            for state in free:
+            for instance_id in list(self._free[role]):  # longest idle first; stops when the queue is empty
+                if not queue:
+                    return
+                state = self.instances[instance_id]
+                if not self.backend.healthy(instance_id):
+                    continue
                 while queue and len(state.in_flight) < self.max_in_flight:
                     work = self._pick(queue, state, spread_groups)
                     if work is None:
@@ -102,15 +119,18 @@ class Dispatcher:
                     self._send(state, work)
 
     def _pick(self, queue: deque[Work], state: InstanceState, spread_groups: bool) -> Work | None:
+        while queue and queue[0].cancelled:  # lazily drop cancelled copies at the head
+            self._forget(queue.popleft())
         held_batches = {(w.kind, w.key) for w in state.in_flight.values()}
         held_groups = {w.group for w in state.in_flight.values() if w.group is not None}
         for work in itertools.islice(queue, SCAN_LIMIT):
-            if self.round_robin and work.target != state.instance_id:
+            if work.cancelled or (self.round_robin and work.target != state.instance_id):
                 continue
             if (work.kind, work.key) in held_batches or self._avoids(work, state):
                 continue
             if not spread_groups or work.group is None or work.group not in held_groups:
                 queue.remove(work)
+                self._live[work.role] -= 1
                 return work
         return None
 
@@ -124,38 +144,56 @@ class Dispatcher:
     def _send(self, state: InstanceState, work: Work) -> None:
         work.instance, work.sent_s = state.instance_id, self.clock()
         state.in_flight[work.work_id] = work
+        if len(state.in_flight) >= self.max_in_flight:
+            self._free[state.role].pop(state.instance_id, None)
         self.backend.send(state.instance_id, work.work_id, work.inputs)
+
+    def _forget(self, work: Work) -> None:
+        works = self._by_key.get((work.kind, work.key))
+        if works is not None:
+            if work in works:
+                works.remove(work)
+            if not works:
+                del self._by_key[(work.kind, work.key)]
+
+    def _freed(self, state: InstanceState) -> None:
+        free = self._free[state.role]
+        if len(state.in_flight) < self.max_in_flight and state.instance_id not in free:
+            free[state.instance_id] = None  # joins the end: instances idle longest are offered work first
 
     def take(self, instance_id: int, work_id: int) -> Work | None:
         """The in-flight work an instance just answered (None if unknown)."""
         state = self.instances.get(instance_id)
-        return None if state is None else state.in_flight.pop(work_id, None)
+        work = None if state is None else state.in_flight.pop(work_id, None)
+        if work is not None:
+            self._forget(work)
+            self._freed(state)
+        return work
 
     def drain(self, instance_id: int) -> list[Work]:
         """Everything in flight on a failed instance (it holds nothing afterwards)."""
         state = self.instances[instance_id]
         works, state.in_flight = list(state.in_flight.values()), {}
+        for work in works:
+            self._forget(work)
+        self._freed(state)
         return works
 
     def cancel(self, kind: str, key: int) -> int:
-        """Drop queued copies of a batch; in-flight copies are marked and ignored on return."""
+        """Drop queued copies of a batch and mark in-flight ones (ignored on return); returns
+        how many queued copies were dropped."""
         dropped = 0
-        role = _ROLE_OF_KIND.get(kind)
-        queues = [self._queues[role]] if role in self._queues else [] if role else list(self._queues.values())
-        for queue in queues:
-            if queue:
-                for work in [w for w in queue if w.kind == kind and w.key == key]:
-                    queue.remove(work)
+        for work in self._by_key.get((kind, key), ()):
+            if not work.cancelled:
+                work.cancelled = True
+                if work.instance is None:
                     dropped += 1
-        for state in self.instances.values():
-            for work in state.in_flight.values():
-                if work.kind == kind and work.key == key:
-                    work.cancelled = True
+                    self._live[work.role] -= 1
         return dropped
 
     def holders(self, kind: str, key: int) -> set[int]:
-        return {s.instance_id for s in self.instances.values()
-                for w in s.in_flight.values() if w.kind == kind and w.key == key and not w.cancelled}
+        return {w.instance for w in self._by_key.get((kind, key), ())
+                if w.instance is not None and not w.cancelled}
 
     def stalled(self, now_s: float, timeout_s: float) -> list[int]:
         """Instances whose oldest in-flight batch was sent more than ``timeout_s`` ago."""
@@ -163,4 +201,5 @@ class Dispatcher:
                 if any(w.sent_s is not None and now_s - w.sent_s > timeout_s for w in s.in_flight.values())]
 
     def depth(self, role: str) -> int:
-        return len(self._queues.get(role, ()))
+        """Queued, not cancelled work of ``role``."""
+        return self._live.get(role, 0)
