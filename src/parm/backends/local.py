@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from parm.backends.base import Backend, InstanceSpec, OnFailure, OnReady, OnResult
+from parm.backends.worker import INJECTED_CRASH_EXIT
 from parm.errors import InstanceFailedError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class LocalBackend(Backend):
         self.t0_wall_s = time.time()
         self._slots: dict[int, _Slot] = {}
         self._stopping = False
+        self._crashed: set[int] = set()
         self.restarts = 0
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -88,9 +90,14 @@ class LocalBackend(Backend):
     def _faults_for(self, instance_id: int) -> Any:
         if self.fault_spec is None:
             return None
+        import dataclasses
+
         from parm.faults import InstanceFaults
 
-        return InstanceFaults.build(self.fault_spec, instance_id, self.horizon_s)
+        faults = InstanceFaults.build(self.fault_spec, instance_id, self.horizon_s)
+        if instance_id in self._crashed:  # an injected crash fires once per run
+            faults = dataclasses.replace(faults, crash_at_s=None)
+        return faults
 
     def _spawn(self, spec: InstanceSpec) -> None:
         parent, child = _CTX.Pipe(duplex=True)
@@ -201,6 +208,9 @@ class LocalBackend(Backend):
         slot.sender.put(None)
         if slot.process.is_alive():  # pipe closed but process lingering: make sure it is gone
             slot.process.kill()
+        slot.process.join(timeout=0.05)
+        if slot.process.exitcode == INJECTED_CRASH_EXIT:
+            self._crashed.add(slot.spec.instance_id)
         reason = slot.kill_reason or f"{why} (exit code {slot.process.exitcode})"
         log.warning("instance %d (%s) failed: %s; restarting", slot.spec.instance_id, slot.spec.role, reason)
         self.restarts += 1

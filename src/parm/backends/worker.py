@@ -22,6 +22,8 @@ from parm.backends.base import InstanceSpec
 
 log = logging.getLogger(__name__)
 
+INJECTED_CRASH_EXIT = 17  # the backend tells an injected crash from a real one by this exit code
+
 
 class Channel(Protocol):
     def send(self, obj: Any) -> None: ...
@@ -78,7 +80,7 @@ def _wait_for_request(conn: Channel, runner: ModelRunner) -> bool:
             return True
         if runner.now_s() >= runner.crash_at_s:
             log.warning("instance %d: injected crash", runner.spec.instance_id)
-            os._exit(17)
+            os._exit(INJECTED_CRASH_EXIT)
     return True
 
 
@@ -95,7 +97,7 @@ def serve_forever(conn: Channel, spec: InstanceSpec, faults: Any | None, t0_wall
             continue
         work_id, payload, shape = msg
         if runner.crash_at_s is not None and runner.now_s() >= runner.crash_at_s:
-            os._exit(17)
+            os._exit(INJECTED_CRASH_EXIT)
         while runner.stalled():  # alive but silent: the frontend has to notice and kill us
             time.sleep(0.05)
         try:

@@ -54,6 +54,14 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 SWEEPS = ("rates", "ks", "batch_sizes", "slow_rates_hz")
+SECTION_KEYS = {
+    "system": {"base", "parity", "parities", "cheap", "instances", "k", "batch_size", "emulated_ms", "batch_wait_ms",
+               "group_wait_ms", "stall_timeout_ms", "deadline_ms", "data_root"},
+    "load": {"rate", "rates", "queries", "warmup", "trials", "seed"},
+    "simulate": {"instances", "rate", "rates", "queries", "trials", "warmup", "service", "stall_timeout_ms",
+                 "deadline_ms", "max_pending_queries"},
+    "sweep": set(SWEEPS),
+}
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class Experiment:
             load["trials"] = trials
         if rate is not None:
             load["rate"] = rate
+            load.pop("rates", None)
             sweep.pop("rates", None)
         return dataclasses.replace(self, modes=tuple(modes) if modes else self.modes, load=load, sweep=sweep)
 
@@ -152,7 +161,16 @@ def load_experiment(path: str | Path) -> Experiment:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; known: {sorted(known)}",
                           field="experiment", value=sorted(unknown))
+    for section, keys in SECTION_KEYS.items():
+        bad = set(data.get(section, {})) - keys
+        if bad:
+            raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; known: {sorted(keys)}",
+                              field=f"{section}.{sorted(bad)[0]}", value=sorted(bad))
     faults = fault_spec_from_dict(data["faults"], source=str(path)) if data.get("faults") else None
+    if "slow_rates_hz" in data.get("sweep", {}) and not (faults and any(isinstance(f, SlowEpisodes)
+                                                                          for f in faults.faults)):
+        raise ConfigError(f"{path}: [sweep] slow_rates_hz needs a 'slow' fault in [faults] to scale",
+                          field="sweep.slow_rates_hz", value=data["sweep"]["slow_rates_hz"])
     return Experiment(
         name=str(data.get("name", path.stem)), modes=tuple(data.get("modes", ("none", "equal", "coded"))),
         system=dict(data.get("system", {})), load=dict(data.get("load", {})), faults=faults,

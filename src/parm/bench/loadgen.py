@@ -20,9 +20,10 @@ from parm.errors import ConfigError, ServingError
 
 def poisson_arrivals_s(n: int, rate_qps: float, seed: int) -> np.ndarray:
     """Send offsets (n,) in seconds of a Poisson process with ``rate_qps``: cumulative exponential gaps."""
-    if n < 1 or not rate_qps > 0:
-        raise ConfigError(f"need n >= 1 and rate_qps > 0; got n={n}, rate_qps={rate_qps}", field="rate_qps",
-                          value=rate_qps)
+    if n < 1:
+        raise ConfigError(f"need n >= 1 queries; got n={n}", field="n", value=n)
+    if not (rate_qps > 0 and np.isfinite(rate_qps)):
+        raise ConfigError(f"need a finite rate_qps > 0; got rate_qps={rate_qps}", field="rate_qps", value=rate_qps)
     gaps = np.random.default_rng(seed).exponential(1.0 / rate_qps, size=n)  # (n,)
     return np.cumsum(gaps) - gaps[0]
 

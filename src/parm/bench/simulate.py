@@ -79,7 +79,10 @@ class _SimInstance:
     generation: int = 0
     healthy: bool = True
     seq: int = 0
+    started_s: float = 0.0  # since the time origin: faults that began earlier do not fire again
     in_flight: set[int] = field(default_factory=set)
+    crash_timer: asyncio.TimerHandle | None = None
+    crashed: bool = False  # an injected crash fires once per run
 
 
 class SimBackend(Backend):
@@ -114,12 +117,16 @@ class SimBackend(Backend):
 
     def _schedule_crashes(self) -> None:
         for sim in self._sims:
-            if sim.faults is not None and sim.faults.crash_at_s is not None:
-                gen = sim.generation
-                self._loop.call_at(self.t0 + sim.faults.crash_at_s, self._crash_if, sim, gen)
+            if sim.crash_timer is not None:
+                sim.crash_timer.cancel()
+                sim.crash_timer = None
+            if sim.faults is not None and sim.faults.crash_at_s is not None and not sim.crashed:
+                sim.crash_timer = self._loop.call_at(self.t0 + sim.faults.crash_at_s, self._crash_if, sim,
+                                                     sim.generation)
 
     def _crash_if(self, sim: _SimInstance, generation: int) -> None:
         if sim.generation == generation and sim.healthy:
+            sim.crashed = True
             self._fail(sim, "injected crash")
 
     def send(self, instance_id: int, work_id: int, inputs: torch.Tensor) -> None:
@@ -127,7 +134,8 @@ class SimBackend(Backend):
         now = self._loop.time()
         start = max(now, sim.free_at)
         t_rel = start - self.t0
-        if sim.faults is not None and sim.faults.stalled(t_rel):
+        window = None if sim.faults is None else sim.faults.stall_window(t_rel)
+        if window is not None and window[0] >= sim.started_s:
             sim.free_at = math.inf  # silent until killed
             sim.in_flight.add(work_id)
             return
@@ -159,6 +167,7 @@ class SimBackend(Backend):
 
     def _restart(self, sim: _SimInstance) -> None:
         sim.healthy = True
+        sim.started_s = self._loop.time() - self.t0
         sim.free_at = max(sim.free_at, self._loop.time())
         self._on_ready(sim.spec.instance_id)
 
@@ -221,14 +230,14 @@ async def _drive(config: ServingConfig, backend: SimBackend, n: int, rate_qps: f
         delay = next_t - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        scheduled, next_t = next_t, next_t + rng.exponential(1.0 / rate_qps)
         try:
             future = frontend.submit(query)
-        except ServingError:
+        except ServingError:  # refused (overload): counted as an error, the schedule goes on
             state["answered"] += 1
             state["errors"] += i >= warmup
             continue
-        future.add_done_callback(lambda f, i=i, t=next_t: finished(i, t, f))
-        next_t += rng.exponential(1.0 / rate_qps)
+        future.add_done_callback(lambda f, i=i, t=scheduled: finished(i, t, f))
     if state["answered"] < n:
         await done.wait()
     virtual_s = loop.time() - start

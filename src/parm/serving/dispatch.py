@@ -6,8 +6,8 @@ dropped before it is ever sent. With the default *shared* dispatch, all instance
 pull from one queue as they free up (a slow instance takes less work). With *round_robin*,
 each batch is assigned to the next instance of its role and waits for that one.
 
-Instances are offered work in the order they became free (the longest idle first), which
-spreads load evenly. Picking from the shared queue, an instance never takes a second copy of a batch it already
+Idle instances are offered work before partly busy ones, each group in the order the instances
+became free (the longest idle first), which spreads load evenly. Picking from the shared queue, an instance never takes a second copy of a batch it already
 holds (hedged or replicated copies go elsewhere), skips batches that must avoid it (a re-send
 after it failed), and prefers a batch whose coding group has no other member on it, so that
 one slow or dead instance rarely holds two members of a group.
@@ -105,12 +105,13 @@ class Dispatcher:
         queue = self._queues.get(role)
         if not queue:
             return
-        for spread_groups in (True, False):  # first only work whose group is not on the instance yet
+        # idle instances before partly busy ones; first only work whose group is not on the instance yet
+        for spread_groups, idle_only in ((True, True), (True, False), (False, False)):
             for instance_id in list(self._free[role]):  # longest idle first; stops when the queue is empty
                 if not queue:
                     return
                 state = self.instances[instance_id]
-                if not self.backend.healthy(instance_id):
+                if (idle_only and state.in_flight) or not self.backend.healthy(instance_id):
                     continue
                 while queue and len(state.in_flight) < self.max_in_flight:
                     work = self._pick(queue, state, spread_groups)
