@@ -56,10 +56,10 @@ except ModuleNotFoundError:  # Python 3.10
 SWEEPS = ("rates", "ks", "batch_sizes", "slow_rates_hz")
 SECTION_KEYS = {
     "system": {"base", "parity", "parities", "cheap", "instances", "k", "batch_size", "emulated_ms", "batch_wait_ms",
-               "group_wait_ms", "stall_timeout_ms", "deadline_ms", "data_root"},
+               "group_wait_ms", "stall_timeout_ms", "deadline_ms", "data_root", "dispatch"},
     "load": {"rate", "rates", "queries", "warmup", "trials", "seed"},
     "simulate": {"instances", "rate", "rates", "queries", "trials", "warmup", "service", "stall_timeout_ms",
-                 "deadline_ms", "max_pending_queries"},
+                 "deadline_ms", "max_pending_queries", "dispatch", "restart_s"},
     "sweep": set(SWEEPS),
 }
 

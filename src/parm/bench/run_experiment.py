@@ -65,7 +65,7 @@ def _system_spec(exp: Experiment, point: Point, mode: str, base_record: Any) -> 
         batch_wait_ms=float(exp.system.get("batch_wait_ms", 1.0)),
         group_wait_ms=float(exp.system.get("group_wait_ms", 20.0)),
         stall_timeout_ms=float(exp.system.get("stall_timeout_ms", 2000.0)),
-        deadline_ms=float(exp.system.get("deadline_ms", 10_000.0)))
+        deadline_ms=float(exp.system.get("deadline_ms", 10_000.0)), dispatch=str(exp.system.get("dispatch", "shared")))
     return SystemSpec(base=exp.system["base"], instances=int(exp.system.get("instances", 2)), serving=serving,
                       parity=parity, cheap=exp.system.get("cheap") if mode == "cheap" else None, faults=point.faults,
                       emulated_ms=float(exp.system.get("emulated_ms", 0.0)))
@@ -151,7 +151,8 @@ def run_simulation(exp: Experiment, out: Path, *, on_result: Callable[[str, str,
             config = ServingConfig(SIM_QUERY_SHAPE, mode=mode, k=point.k, batch_size=point.batch_size,
                                    stall_timeout_ms=float(sim.get("stall_timeout_ms", 10_000.0)),
                                    deadline_ms=float(sim.get("deadline_ms", 60_000.0)),
-                                   max_pending_queries=int(sim.get("max_pending_queries", 1_000_000)))
+                                   max_pending_queries=int(sim.get("max_pending_queries", 1_000_000)),
+                                   dispatch=str(sim.get("dispatch", "shared")))
             roles = instance_roles(mode, m, point.k)
             hist = LatencyHistogram()
             totals = {"errors": 0, "lost": 0, "queries": 0, "restarts": 0}
@@ -159,7 +160,8 @@ def run_simulation(exp: Experiment, out: Path, *, on_result: Callable[[str, str,
             started = time.monotonic()
             for trial in range(trials):
                 result = simulate(config, roles, service, queries=queries, rate_qps=point.rate, faults=point.faults,
-                                  seed=int(exp.load.get("seed", 0)) + trial, warmup=warmup, histogram=hist)
+                                  seed=int(exp.load.get("seed", 0)) + trial, warmup=warmup, histogram=hist,
+                                  restart_s=float(sim.get("restart_s", 1.0)))
                 for key in totals:
                     totals[key] += getattr(result, key)
                 for source, count in result.sources.items():

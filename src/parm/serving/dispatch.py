@@ -69,6 +69,7 @@ class Dispatcher:
         self.instances = {s.instance_id: InstanceState(s.instance_id, s.role) for s in backend.instances}
         roles = sorted({s.role for s in backend.instances})
         self._queues: dict[str, deque[Work]] = {role: deque() for role in roles}
+        self._own: dict[int, deque[Work]] = {i: deque() for i in self.instances}  # round robin: one queue each
         self._free: dict[str, dict[int, None]] = {role: {s.instance_id: None for s in backend.instances
                                                           if s.role == role} for role in roles}
         self._by_key: dict[tuple[str, int], list[Work]] = {}
@@ -86,7 +87,7 @@ class Dispatcher:
     def submit(self, work: Work, *, front: bool = False) -> None:
         if self.round_robin and work.target is None:
             work.target = self._next_target(work)
-        queue = self._queues[work.role]
+        queue = self._own[work.target] if self.round_robin else self._queues[work.role]
         queue.appendleft(work) if front else queue.append(work)
         self._by_key.setdefault((work.kind, work.key), []).append(work)
         self._live[work.role] += 1
@@ -102,6 +103,9 @@ class Dispatcher:
 
     def pump(self, role: str) -> None:
         """Send queued work of ``role`` to every healthy instance with a free slot."""
+        if self.round_robin:
+            self._pump_own(role)
+            return
         queue = self._queues.get(role)
         if not queue:
             return
@@ -113,11 +117,20 @@ class Dispatcher:
                 state = self.instances[instance_id]
                 if (idle_only and state.in_flight) or not self.backend.healthy(instance_id):
                     continue
-                while queue and len(state.in_flight) < self.max_in_flight:
-                    work = self._pick(queue, state, spread_groups)
-                    if work is None:
-                        break
-                    self._send(state, work)
+                self._fill(queue, state, spread_groups)
+
+    def _pump_own(self, role: str) -> None:
+        for instance_id in list(self._free.get(role, ())):
+            queue = self._own[instance_id]
+            if queue and self.backend.healthy(instance_id):
+                self._fill(queue, self.instances[instance_id], spread_groups=False)
+
+    def _fill(self, queue: deque[Work], state: InstanceState, spread_groups: bool) -> None:
+        while queue and len(state.in_flight) < self.max_in_flight:
+            work = self._pick(queue, state, spread_groups)
+            if work is None:
+                return
+            self._send(state, work)
 
     def _pick(self, queue: deque[Work], state: InstanceState, spread_groups: bool) -> Work | None:
         while queue and queue[0].cancelled:  # lazily drop cancelled copies at the head
@@ -125,7 +138,7 @@ class Dispatcher:
         held_batches = {(w.kind, w.key) for w in state.in_flight.values()}
         held_groups = {w.group for w in state.in_flight.values() if w.group is not None}
         for work in itertools.islice(queue, SCAN_LIMIT):
-            if work.cancelled or (self.round_robin and work.target != state.instance_id):
+            if work.cancelled:
                 continue
             if (work.kind, work.key) in held_batches or self._avoids(work, state):
                 continue
