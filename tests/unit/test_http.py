@@ -337,14 +337,14 @@ def test_bad_query_is_422_with_field_and_counted(setup) -> None:
     assert not service.calls
 
 
-def test_malformed_json_is_400(setup) -> None:
+def test_app_answers_malformed_json_with_400(setup) -> None:
     app, _, metrics = setup
     r = predict(app, b"{nope")
     assert r.status == 400 and r.json()["error"]["type"] == "bad_query"
     assert rejected_count(metrics, "bad_query") == 1
 
 
-def test_too_many_queries_is_422(setup) -> None:
+def test_app_answers_too_many_queries_with_422(setup) -> None:
     app, _, _ = setup
     r = predict(app, [Q0] * 9)
     assert r.status == 422 and "too many queries: 9 > max_queries_per_request=8" in r.json()["error"]["message"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import json
 import logging
 import time
@@ -24,7 +23,7 @@ from parm.bench.experiment import Experiment, Point
 from parm.bench.histogram import LatencyHistogram
 from parm.bench.runner import LoadSpec, gap_ratio, run_mode
 from parm.bench.simulate import SIM_QUERY_SHAPE, ServiceModel, simulate
-from parm.bench.stats import summarize
+from parm.bench.stats import latency_summary
 from parm.errors import ConfigError
 from parm.serving import ServingConfig, instance_roles
 
@@ -83,6 +82,41 @@ def _write_records(path: Path, mode: str, trial: int, records: list) -> None:
                              f"{r.latency_ms:.4f}", r.instance, r.source, r.outcome, r.label])
 
 
+def _merge_trials(trials: list[dict[str, Any]], latencies_ms: list[float]) -> dict[str, Any]:
+    """One summary from per-trial summaries: percentiles over all latencies, counts added,
+    fractions and accuracies weighted by queries / answers."""
+    stats: dict[str, Any] = latency_summary(latencies_ms)
+    for key in ("queries", "answered", "errors", "rejected", "lost"):
+        stats[key] = sum(t[key] for t in trials)
+    stats["sources"] = {}
+    for t in trials:
+        for source, count in t["sources"].items():
+            stats["sources"][source] = stats["sources"].get(source, 0) + count
+    stats["reconstructed_fraction"] = stats["sources"].get("reconstructed", 0) / max(stats["queries"], 1)
+    for key in {k for t in trials for k in t if k.startswith("accuracy")}:
+        weights = [t["answered"] for t in trials if key in t]
+        stats[key] = sum(t[key] * t["answered"] for t in trials if key in t) / max(sum(weights), 1)
+    return stats
+
+
+def _bench_mode(exp: Experiment, point: Point, mode: str, base_record: Any, data: tuple, out: Path,
+                progress: bool) -> tuple[dict[str, Any], list[float]]:
+    spec = _system_spec(exp, point, mode, base_record)
+    trials, latencies = [], []
+    for trial in range(int(exp.load.get("trials", 1))):
+        load = LoadSpec(int(exp.load.get("queries", 2000)), point.rate, int(exp.load.get("seed", 0)) + trial,
+                        int(exp.load.get("warmup", 0)))
+        records: list = []
+        trials.append(asyncio.run(run_mode(spec, data[0], data[1], load, progress=progress, records=records)))
+        _write_records(out / f"records-{point.label}.csv", mode, trial, records)
+        latencies += [r.latency_ms for r in records if r.index >= load.warmup and r.outcome == "ok"]
+    roles = spec.roles()
+    stats = _merge_trials(trials, latencies)
+    stats.update(mode=mode, instances=len(roles), roles={r: roles.count(r) for r in sorted(set(roles))},
+                 trials=len(trials))
+    return stats, latencies
+
+
 def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
               on_result: Callable[[str, str, dict], None] | None = None) -> dict[str, Any]:
     """Run every point × mode × trial on the real system; write the outputs into ``out``."""
@@ -94,9 +128,8 @@ def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
                           value=None)
     base_record = load_record(exp.system["base"])
     test = load_dataset(base_record.dataset, "test", data_root=exp.system.get("data_root"))
-    inputs, labels = test.float_images(), test.labels
+    data = (test.float_images(), test.labels)
     out.mkdir(parents=True, exist_ok=True)
-    trials = int(exp.load.get("trials", 1))
     points_out = []
     for point in exp.points():
         modes: dict[str, dict[str, Any]] = {}
@@ -105,27 +138,9 @@ def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
             if mode == "cheap" and not exp.system.get("cheap"):
                 log.warning("skipping mode cheap: no [system] cheap checkpoint")
                 continue
-            spec = _system_spec(exp, point, mode, base_record)
-            records: list = []
-            for trial in range(trials):
-                load = LoadSpec(int(exp.load.get("queries", 2000)), point.rate, int(exp.load.get("seed", 0)) + trial,
-                                int(exp.load.get("warmup", 0)))
-                trial_records: list = []
-                asyncio.run(run_mode(spec, inputs, labels, load, progress=progress, records=trial_records))
-                _write_records(out / f"records-{point.label}.csv", mode, trial, trial_records)
-                records += [dataclasses.replace(r, index=r.index + trial * load.queries) for r in trial_records]
-            load_all = int(exp.load.get("queries", 2000)) * trials
-            stats = summarize([r for r in records if r.index % int(exp.load.get("queries", 2000))
-                               >= int(exp.load.get("warmup", 0))], load_all, labels=labels.tolist(),
-                              warmup=0)
-            stats["lost"] = load_all - len(records)
-            roles = spec.roles()
-            stats.update(mode=mode, instances=len(roles), roles={r: roles.count(r) for r in sorted(set(roles))},
-                         trials=trials)
-            modes[mode] = stats
-            latencies[mode] = [r.latency_ms for r in records if r.outcome == "ok"]
+            modes[mode], latencies[mode] = _bench_mode(exp, point, mode, base_record, data, out, progress)
             if on_result:
-                on_result(point.label, mode, stats)
+                on_result(point.label, mode, modes[mode])
         _add_ratios(modes)
         points_out.append({"point": point.to_json(), "modes": modes})
         _plot_safely(out, point.label, latencies=latencies)
