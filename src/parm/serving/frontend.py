@@ -301,12 +301,23 @@ class Frontend:
         elif work.kind == "cheap":
             self._on_cheap(work.key, output)
         elif self.tracker is not None:
+            gid = self.tracker.group_of(work.key)
             self._apply(self.tracker.on_output(work.key, output), work.instance)
+            self._drop_unneeded_parity(gid)
         else:
             batch = self._batches.get(work.key)
             if batch is not None and not batch.answered:
                 self._answer(batch, output, Source.RETRIED if work.retry else Source.ORIGINAL, work.instance)
                 self.dispatcher.cancel("data", batch.batch_id)
+
+    def _drop_unneeded_parity(self, gid: int | None) -> None:
+        """Every member of the group is answered: its parity batch, if still queued, is useless.
+
+        Without this a parity instance slowed for a while comes back to a backlog of parity
+        batches for finished groups, and fresh groups wait behind it.
+        """
+        if gid is not None and self.tracker is not None and not self.tracker.has_group(gid):
+            self.dispatcher.cancel("parity", gid)
 
     def _apply(self, actions: list, instance: int | None) -> None:
         for action in actions:

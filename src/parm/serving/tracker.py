@@ -131,6 +131,10 @@ class GroupTracker:
             return None
         return group.gid, [m.batch_id for m in group.members]
 
+    def has_group(self, gid: int) -> bool:
+        """True while the group is tracked (some member still unanswered, or it is still open)."""
+        return gid in self._groups
+
     def group_of(self, batch_id: int) -> int | None:
         where = self._where.get(batch_id)
         return None if where is None else where[0]
