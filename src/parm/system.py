@@ -106,7 +106,7 @@ async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callab
     from parm.http import HttpLimits, make_app, serve_http
 
     frontend = build_system(spec)
-    await frontend.start()
+    await frontend.start()  # stops what it started if it fails
     try:
         limits = HttpLimits() if max_body_bytes is None else HttpLimits(max_body_bytes=max_body_bytes)
         app = make_app(frontend, frontend.metrics, limits)

@@ -605,3 +605,35 @@ def test_health_reports_instances_and_follows_a_crash() -> None:
     assert during["ok"] and not during["instances"][1]["healthy"]
     assert after["instances"][1]["healthy"]
     assert sample(frontend, "parm_instance_healthy", instance="1", role="data") == 1
+
+
+def test_a_slow_but_working_instance_is_not_taken_for_stalled() -> None:
+    """Two batches in flight on an instance that takes 30 ms each: the second waits 60 ms in total,
+    more than stall_timeout_ms, but the instance answers every 30 ms, so it is never killed."""
+    frontend, backend = build("none", m=1, max_in_flight=2, stall_timeout_ms=50, delay_s=0.03)
+    qs = queries(8, seed=90)
+
+    async def main():
+        async with serving(frontend):
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert backend.kills == [] and all(p.source is Source.ORIGINAL for p in preds)
+
+
+def test_a_failing_answer_hook_does_not_hold_the_query() -> None:
+    frontend, backend = build("none", m=1)
+
+    def broken(record, pred):
+        raise RuntimeError("hook bug")
+
+    frontend.on_answer.append(broken)
+    qs = queries(2, seed=91)
+
+    async def main():
+        async with serving(frontend):
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)

@@ -214,7 +214,10 @@ class LocalBackend(Backend):
         reason = slot.kill_reason or f"{why} (exit code {slot.process.exitcode})"
         log.warning("instance %d (%s) failed: %s; restarting", slot.spec.instance_id, slot.spec.role, reason)
         self.restarts += 1
-        self._spawn(slot.spec)
         slot.process.join(timeout=0)
         slot.conn.close()
-        self._on_failure(slot.spec.instance_id, reason)
+        self._on_failure(slot.spec.instance_id, reason)  # its in-flight work is recovered first
+        try:
+            self._spawn(slot.spec)
+        except OSError:
+            log.exception("instance %d could not be restarted; it stays down", slot.spec.instance_id)

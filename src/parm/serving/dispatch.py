@@ -51,6 +51,7 @@ class InstanceState:
     instance_id: int
     role: str
     in_flight: dict[int, Work] = field(default_factory=dict)
+    last_progress_s: float = 0.0  # last answer, or the send that found it idle
 
 
 class Dispatcher:
@@ -157,6 +158,8 @@ class Dispatcher:
 
     def _send(self, state: InstanceState, work: Work) -> None:
         work.instance, work.sent_s = state.instance_id, self.clock()
+        if not state.in_flight:
+            state.last_progress_s = work.sent_s
         state.in_flight[work.work_id] = work
         if len(state.in_flight) >= self.max_in_flight:
             self._free[state.role].pop(state.instance_id, None)
@@ -180,6 +183,7 @@ class Dispatcher:
         state = self.instances.get(instance_id)
         work = None if state is None else state.in_flight.pop(work_id, None)
         if work is not None:
+            state.last_progress_s = self.clock()
             self._forget(work)
             self._freed(state)
         return work
@@ -210,9 +214,11 @@ class Dispatcher:
                 if w.instance is not None and not w.cancelled}
 
     def stalled(self, now_s: float, timeout_s: float) -> list[int]:
-        """Instances whose oldest in-flight batch was sent more than ``timeout_s`` ago."""
+        """Instances holding work that have been silent for more than ``timeout_s``: no answer
+        since then, and busy all along (a batch queued behind another in a slow but working
+        instance does not count against it)."""
         return [s.instance_id for s in self.instances.values()
-                if any(w.sent_s is not None and now_s - w.sent_s > timeout_s for w in s.in_flight.values())]
+                if s.in_flight and now_s - s.last_progress_s > timeout_s]
 
     def depth(self, role: str) -> int:
         """Queued, not cancelled work of ``role``."""

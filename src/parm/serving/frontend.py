@@ -105,12 +105,16 @@ class Frontend:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.backend.start(self._on_result, self._on_failure, self._on_ready)
-        for spec in self.backend.instances:
-            self.metrics.instance_healthy.labels(str(spec.instance_id), spec.role).set(1)
-        if self.tracker is not None:
-            zeros = torch.zeros(self.config.batch_size, *self.query_shape)  # (B, *S)
-            self._filler = await self.probe("data", zeros)  # F(0): output of the zero queries filling a group
-        self._stall_task = asyncio.create_task(self._watch_stalls())
+        try:
+            for spec in self.backend.instances:
+                self.metrics.instance_healthy.labels(str(spec.instance_id), spec.role).set(1)
+            self._stall_task = asyncio.create_task(self._watch_stalls())
+            if self.tracker is not None:
+                zeros = torch.zeros(self.config.batch_size, *self.query_shape)  # (B, *S)
+                self._filler = await self.probe("data", zeros)  # F(0): output of the zero queries filling a group
+        except BaseException:
+            await self.stop()  # nothing started is left running
+            raise
 
     async def stop(self) -> None:
         """Fail every query not yet answered (nothing is left waiting), then stop the backend."""
@@ -256,15 +260,17 @@ class Frontend:
         work = self.dispatcher.take(instance_id, work_id)
         if work is None:
             return
-        self.dispatcher.pump(work.role)
         if work.sent_s is not None and work.kind == "data":
             self._service_ms.append((self.clock() - work.sent_s) * 1e3)
+        if error is None and output is not None and (output.dim() != 2 or output.shape[0] != work.inputs.shape[0]):
+            error = f"model output has shape {list(output.shape)}; expected [{work.inputs.shape[0]}, classes]"
         if work.kind == "probe":
             self._finish_probe(work, output, error)
         elif error is not None or output is None:
             self._model_error(work, error or "no output")
         elif not work.cancelled or (work.kind == "data" and self.tracker is not None):
             self._dispatch_output(work, output)  # a late original still helps decode its group
+        self.dispatcher.pump(work.role)  # after the outcome, so copies it made unnecessary are not sent
 
     def _finish_probe(self, work: Work, output: torch.Tensor | None, error: str | None) -> None:
         future = self._probes.get(work.work_id)
@@ -412,21 +418,30 @@ class Frontend:
         batch.answered = True
         now = self.clock()
         labels = outputs.argmax(dim=-1).tolist()  # (B, C) -> (B,)
+        answered = []
         for row, (future, arrival) in enumerate(zip(batch.futures, batch.arrivals_s)):
             pred = Prediction(outputs[row], labels[row], source, (now - arrival) * 1e3, instance)
             self._count(source, now - arrival)
-            record = QueryRecord(arrival, now, source, instance, batch.batch_id, row)
-            if self.records is not None:
-                self.records.append(record)
-            for hook in self.on_answer:
-                hook(record, pred)
             if not future.done():
                 future.set_result(pred)
+            answered.append((QueryRecord(arrival, now, source, instance, batch.batch_id, row), pred))
         if source is Source.RECONSTRUCTED:
             self.metrics.reconstructions.inc()
         self._retire(batch)
         if source is not Source.APPROXIMATE and self.config.mode == "cheap":
             self.dispatcher.cancel("cheap", batch.batch_id)
+        self._report(answered)
+
+    def _report(self, answered: list[tuple[QueryRecord, Prediction]]) -> None:
+        """Records and hooks run after every future is resolved; a failing hook cannot hold a query."""
+        for record, pred in answered:
+            if self.records is not None:
+                self.records.append(record)
+            for hook in self.on_answer:
+                try:
+                    hook(record, pred)
+                except Exception:
+                    log.exception("an on_answer hook failed")
 
     def _count(self, source: Source, latency_s: float) -> None:
         self.counts[source] += 1

@@ -208,7 +208,10 @@ class GroupTracker:
         if member is None or group is None or member.answered:
             return []
         member.answered = True
-        return self._after_change(group, [Answer(batch_id, None, Source.ERROR)])
+        actions: list[Action] = [Answer(batch_id, None, Source.ERROR)]
+        if not self._can_still_decode(group):  # an expired member no longer helps decode the others
+            actions += self._resend_failed(group)
+        return self._after_change(group, actions)
 
     # ---- rules --------------------------------------------------------------------------
     def _lookup(self, batch_id: int) -> tuple[_Member | None, _Group | None]:
