@@ -43,6 +43,7 @@ class ServiceModel:
     sigma: float = 0.1
     samples_ms: tuple[float, ...] = ()
     per_query_ms: float = 0.0
+    overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "lognormal", "empirical"):
@@ -50,7 +51,7 @@ class ServiceModel:
                               field="service.kind", value=self.kind)
         if self.kind == "empirical" and not self.samples_ms:
             raise ConfigError("empirical service times need samples_ms", field="service.samples_ms", value=())
-        if self.median_ms <= 0 or self.sigma < 0 or self.per_query_ms < 0:
+        if self.median_ms <= 0 or self.sigma < 0 or self.per_query_ms < 0 or self.overhead_ms < 0:
             raise ConfigError(f"service times must be positive; got median_ms={self.median_ms}, sigma={self.sigma}",
                               field="service.median_ms", value=self.median_ms)
 
@@ -202,7 +203,7 @@ class SimResult:
 
 
 async def _drive(config: ServingConfig, backend: SimBackend, n: int, rate_qps: float, seed: int, warmup: int,
-                 histogram: LatencyHistogram) -> SimResult:
+                 histogram: LatencyHistogram, overhead_ms: float = 0.0) -> SimResult:
     loop = asyncio.get_running_loop()
     frontend = Frontend(config, backend, clock=loop.time)  # the frontend's clock is the virtual one too
     await frontend.start()
@@ -219,7 +220,7 @@ async def _drive(config: ServingConfig, backend: SimBackend, n: int, rate_qps: f
         if future.cancelled() or future.exception() is not None:
             state["errors"] += index >= warmup
         elif index >= warmup:
-            histogram.record((loop.time() - scheduled) * 1e3)
+            histogram.record((loop.time() - scheduled) * 1e3 + overhead_ms)
             source = future.result().source.value
             sources[source] = sources.get(source, 0) + 1
         if state["answered"] == n:
@@ -256,4 +257,5 @@ def simulate(config: ServingConfig, roles: list[str], service: ServiceModel, *, 
                           field="query_shape", value=config.query_shape)
     backend = SimBackend(roles, service, faults=faults, seed=seed, restart_s=restart_s,
                          horizon_s=max(3600.0, 10 * queries / rate_qps))
-    return run_virtual(_drive(config, backend, queries, rate_qps, seed, warmup, histogram or LatencyHistogram()))
+    return run_virtual(_drive(config, backend, queries, rate_qps, seed, warmup, histogram or LatencyHistogram(),
+                              service.overhead_ms))
