@@ -114,7 +114,3 @@ async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callab
     finally:
         await frontend.stop()
 
-
-def serving_config_for(base_record: ModelRecord, **kwargs: Any) -> ServingConfig:
-    return ServingConfig(query_shape=tuple(base_record.in_shape), **kwargs)
-
