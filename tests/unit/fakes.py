@@ -16,10 +16,13 @@ Knobs (all take effect for batches sent afterwards unless said otherwise):
   ``on_failure`` is called, and after ``restart_s`` it is healthy again and ``on_ready`` is called.
 - ``crash_on(i, n)``: crash instance i right after it receives its n-th batch.
 - ``model_error(i, times=1)``: instance i answers its next ``times`` batches with an error string.
+- ``honour_cancel = True``: ``cancel(i, work)`` (the Backend method) answers a batch the instance
+  has not started (a stalled instance starts nothing) at once with the error "cancelled", as the
+  Ray Serve backend does; a started batch still answers. By default a cancel is only recorded.
 - ``kill(i, reason)`` (the Backend method, called by the frontend): recorded in ``kills`` and then
   handled like ``crash`` (on_failure comes on the next loop turn, as with a real process).
 
-What it saw: ``sends`` (every ``Sent(instance, role, work_id, nth, inputs)``), ``kills``,
+What it saw: ``sends`` (every ``Sent(instance, role, work_id, nth, inputs)``), ``kills``, ``cancels``,
 ``crashes``, ``answered`` (work ids answered), ``dropped`` (work ids lost in a crash).
 ``await until(predicate, timeout_s)`` waits, event-driven, until ``predicate()`` is true after
 some backend event (a send, answer, crash or restart); it never polls on a timer.
@@ -91,6 +94,8 @@ class FakeBackend(Backend):
         self._crash_on: set[tuple[int, int]] = set()
         self.sends: list[Sent] = []
         self.kills: list[tuple[int, str]] = []
+        self.cancels: list[tuple[int, int]] = []
+        self.honour_cancel = False
         self.crashes: list[int] = []
         self.answered: list[int] = []
         self.dropped: list[int] = []
@@ -224,6 +229,12 @@ class FakeBackend(Backend):
 
     def healthy(self, instance_id: int) -> bool:
         return self.started and not self.stopped and self._inst[instance_id].up
+
+    def cancel(self, instance_id: int, work_id: int) -> None:
+        self.cancels.append((instance_id, work_id))
+        inst = self._inst[instance_id]
+        if self.honour_cancel and work_id in inst.in_flight and inst.in_flight[work_id] is None:  # not started
+            inst.in_flight[work_id] = self._loop.call_soon(self._answer, instance_id, work_id, None, "cancelled")
 
     def kill(self, instance_id: int, reason: str) -> None:
         self.kills.append((instance_id, reason))

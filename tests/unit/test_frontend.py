@@ -216,6 +216,29 @@ def test_coded_straggler_is_reconstructed_its_queued_copy_never_sent_its_late_or
     assert sample(frontend, "parm_reconstructions_total") == 2
 
 
+@pytest.mark.parametrize("honour", [False, True])
+def test_coded_reconstructed_original_in_flight_is_cancelled_at_the_backend(honour: bool) -> None:
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1)
+    backend.honour_cancel = honour  # a started batch answers anyway, as on Ray
+    qs = queries(2, seed=5)
+
+    async def main():
+        async with serving(frontend):
+            slow = backend.sends[0].instance  # the probe's instance is the first offered data work
+            backend.set_delay(slow, 0.5)
+            preds = await answers([frontend.submit(q) for q in qs])
+            sent = [s for s in backend.sends_to("data") if s.instance == slow and s.nth > 0]
+            await backend.until(lambda: sent[0].work_id in backend.answered, timeout_s=1.0)
+            return preds, sent
+
+    preds, sent = run(main())
+    assert_true_scores(preds, qs)
+    assert sorted(p.source.value for p in preds) == ["original", "reconstructed"]
+    assert backend.cancels == [(sent[0].instance, sent[0].work_id)]
+    assert frontend.counts[Source.ERROR] == 0
+    assert frontend.dispatcher.instances[sent[0].instance].in_flight == {}
+
+
 def test_coded_crash_of_a_data_instance_reconstructs_its_batch_and_loses_nothing() -> None:
     frontend, backend = build("coded", m=2, k=2, max_in_flight=1)
     qs = queries(6, seed=20)
@@ -356,6 +379,55 @@ def test_a_stalled_instance_is_killed_and_its_batch_resent_elsewhere() -> None:
     assert [i for i, _ in backend.kills] == [0] and "stall_timeout_ms=30" in backend.kills[0][1]
     assert sample(frontend, "parm_instance_restarts_total", instance="0") == 1
     assert sample(frontend, "parm_resends_total") == 1
+
+
+def test_a_stalled_instance_is_killed_even_when_a_backend_cancels_each_batch_it_holds() -> None:
+    # The Ray backend answers a cancelled, not yet started request at once: each batch of the
+    # stalled instance is reconstructed, cancelled and handed back, so it never *holds* work for
+    # long; its silence must still count (and the parity instance, whose batches are often
+    # cancelled too, must not be taken for stalled).
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1, stall_timeout_ms=60)
+    backend.honour_cancel = True
+    qs = queries(80, seed=51)
+
+    async def main():
+        async with serving(frontend):
+            stalled = first_data(frontend)
+            backend.stall(stalled)
+            (parity,) = ids(backend, "parity")
+            backend.set_delay(parity, 0.01)  # reconstructions take a while: the stalled instance holds work
+            preds = []
+            for q in qs:  # one group every 5 ms: the stalled instance gets a batch in each
+                preds.append(frontend.submit(q))
+                await asyncio.sleep(0.0025)
+            return await answers(preds), stalled
+
+    preds, stalled = run(main())
+    assert_true_scores(preds, qs)
+    assert frontend.counts[Source.RECONSTRUCTED] > 0 and backend.cancels
+    assert [i for i, _ in backend.kills] == [stalled]
+
+
+def test_an_instance_idle_after_a_cancelled_batch_is_not_taken_for_stalled() -> None:
+    frontend, backend = build("coded", m=2, k=2, max_in_flight=1, stall_timeout_ms=100)
+    backend.honour_cancel = True
+    qs = queries(4, seed=52)
+
+    async def main():
+        async with serving(frontend):
+            slow = first_data(frontend)
+            backend.stall(slow)  # its first batch is reconstructed, then cancelled before it starts
+            first = await answers([frontend.submit(q) for q in qs[:2]])
+            await backend.until(lambda: backend.in_flight(slow) == 0)
+            backend.unstall(slow)
+            await asyncio.sleep(0.25)  # idle for longer than stall_timeout_ms
+            for instance in ids(backend, "data") + ids(backend, "parity"):  # now it answers first, in 80 ms
+                backend.set_delay(instance, 0.08 if instance == slow else 0.09)
+            return first + await answers([frontend.submit(q) for q in qs[2:]])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert backend.cancels and backend.kills == []
 
 
 @pytest.mark.parametrize("mode", ["none", "coded"])

@@ -83,6 +83,11 @@ class Backend(abc.ABC):
     def kill(self, instance_id: int, reason: str) -> None:
         """Stop the instance at once (it is restarted; on_failure reports the kill)."""
 
+    def cancel(self, instance_id: int, work_id: int) -> None:
+        """Best effort: the frontend no longer needs this in-flight work (its batch was answered
+        otherwise). Its outcome may still arrive, or arrive as an error; either is ignored.
+        Transports that cannot take back a sent request (the local pipes) do nothing."""
+
     def set_time_origin(self, t0_wall_s: float) -> None:
         """Fault schedules count time from this wall-clock instant (default: when start() began)."""
 

@@ -52,6 +52,7 @@ class InstanceState:
     role: str
     in_flight: dict[int, Work] = field(default_factory=dict)
     last_progress_s: float = 0.0  # last answer, or the send that found it idle
+    cancel_acked_s: float | None = None  # a cancelled batch came back unanswered; no answer since
 
 
 class Dispatcher:
@@ -62,8 +63,10 @@ class Dispatcher:
     copy only marks it (it is dropped when it reaches the head of the queue).
     """
 
-    def __init__(self, backend: Backend, max_in_flight: int, dispatch: str, clock: Callable[[], float]) -> None:
+    def __init__(self, backend: Backend, max_in_flight: int, dispatch: str, clock: Callable[[], float],
+                 stall_timeout_s: float = float("inf")) -> None:
         self.backend = backend
+        self.stall_timeout_s = stall_timeout_s
         self.max_in_flight = max_in_flight
         self.round_robin = dispatch == "round_robin"
         self.clock = clock
@@ -158,8 +161,9 @@ class Dispatcher:
 
     def _send(self, state: InstanceState, work: Work) -> None:
         work.instance, work.sent_s = state.instance_id, self.clock()
-        if not state.in_flight:
-            state.last_progress_s = work.sent_s
+        if not state.in_flight and (state.cancel_acked_s is None
+                                    or work.sent_s - state.cancel_acked_s > self.stall_timeout_s):
+            state.last_progress_s, state.cancel_acked_s = work.sent_s, None  # it was idle: a fresh start
         state.in_flight[work.work_id] = work
         if len(state.in_flight) >= self.max_in_flight:
             self._free[state.role].pop(state.instance_id, None)
@@ -178,12 +182,19 @@ class Dispatcher:
         if len(state.in_flight) < self.max_in_flight and state.instance_id not in free:
             free[state.instance_id] = None  # joins the end: instances idle longest are offered work first
 
-    def take(self, instance_id: int, work_id: int) -> Work | None:
-        """The in-flight work an instance just answered (None if unknown)."""
+    def take(self, instance_id: int, work_id: int, *, failed: bool = False) -> Work | None:
+        """The in-flight work an instance just answered (None if unknown). ``failed``: it came
+        back without an output. A cancelled batch that comes back that way (a backend that
+        aborts cancelled work, as Ray Serve does) is no sign of life: it does not reset the
+        instance's silence, so an instance whose batches are all reconstructed and cancelled
+        while it stalls is still found stalled."""
         state = self.instances.get(instance_id)
         work = None if state is None else state.in_flight.pop(work_id, None)
         if work is not None:
-            state.last_progress_s = self.clock()
+            if work.cancelled and failed:
+                state.cancel_acked_s = self.clock()
+            else:
+                state.last_progress_s, state.cancel_acked_s = self.clock(), None
             self._forget(work)
             self._freed(state)
         return work
@@ -197,16 +208,19 @@ class Dispatcher:
         self._freed(state)
         return works
 
-    def cancel(self, kind: str, key: int) -> int:
-        """Drop queued copies of a batch and mark in-flight ones (ignored on return); returns
-        how many queued copies were dropped."""
+    def cancel(self, kind: str, key: int, *, abort_sent: bool = True) -> int:
+        """Drop queued copies of a batch and mark in-flight ones (ignored on return); with
+        ``abort_sent`` the backend is also asked to cancel the in-flight ones. Returns how many
+        queued copies were dropped."""
         dropped = 0
-        for work in self._by_key.get((kind, key), ()):
+        for work in list(self._by_key.get((kind, key), ())):
             if not work.cancelled:
                 work.cancelled = True
                 if work.instance is None:
                     dropped += 1
                     self._live[work.role] -= 1
+                elif abort_sent:
+                    self.backend.cancel(work.instance, work.work_id)
         return dropped
 
     def holders(self, kind: str, key: int) -> set[int]:

@@ -80,7 +80,8 @@ class Frontend:
         self.metrics = metrics or ServingMetrics()
         self.code = config.code
         self.tracker = GroupTracker(self.code, clock) if config.mode == "coded" else None
-        self.dispatcher = Dispatcher(backend, config.max_in_flight, config.dispatch, clock)
+        self.dispatcher = Dispatcher(backend, config.max_in_flight, config.dispatch, clock,
+                                     config.stall_timeout_ms / 1e3)
         self._pending: list[tuple[torch.Tensor, asyncio.Future, float]] = []
         self._batch_timer: asyncio.TimerHandle | None = None
         self._group_timer: asyncio.TimerHandle | None = None
@@ -257,7 +258,7 @@ class Frontend:
 
     # ---- outcomes -----------------------------------------------------------------------
     def _on_result(self, instance_id: int, work_id: int, output: torch.Tensor | None, error: str | None) -> None:
-        work = self.dispatcher.take(instance_id, work_id)
+        work = self.dispatcher.take(instance_id, work_id, failed=error is not None or output is None)
         if work is None:
             return
         if work.sent_s is not None and work.kind == "data":
@@ -266,6 +267,8 @@ class Frontend:
             error = f"model output has shape {list(output.shape)}; expected [{work.inputs.shape[0]}, classes]"
         if work.kind == "probe":
             self._finish_probe(work, output, error)
+        elif work.cancelled and (error is not None or output is None):
+            pass  # a copy nobody needs any more failed (or was cancelled by the backend): nothing to recover
         elif error is not None or output is None:
             self._model_error(work, error or "no output")
         elif not work.cancelled or (work.kind == "data" and self.tracker is not None):
@@ -461,8 +464,8 @@ class Frontend:
                 self.records.append(record)
             if not future.done():
                 future.set_exception(error)
-        self.dispatcher.cancel("data", batch.batch_id)
-        self.dispatcher.cancel("cheap", batch.batch_id)
+        self.dispatcher.cancel("data", batch.batch_id, abort_sent=self.tracker is None)  # coded: a late original
+        self.dispatcher.cancel("cheap", batch.batch_id)  # still helps decode the rest of its group
         self._retire(batch)
 
     def _expire(self, batch_id: int) -> None:
