@@ -61,3 +61,15 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, data_root: Path) 
     train_parity(work / "base", work / "parity", ParityConfig(CodeConfig(k=2), init="base"),
                  OptimConfig(epochs=1, batch_size=256, val_size=200), data_root=data_root, progress=False)
     return work / "base", work / "parity"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (with Serve, no HTTP proxy) for every Ray test of the session:
+    starting one costs ~5 s and ~1 GB. Skipped with the install hint where Ray is missing."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install \"parm-serving[ray]\"")
+    from parm.backends.ray_serve import connect, shutdown_cluster
+
+    connect(None, num_cpus=16)  # logical CPUs: one per replica the tests deploy at once
+    yield
+    shutdown_cluster()

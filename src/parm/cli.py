@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, default=None, help=f"output folder (default: runs/{name}/NAME)")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("-v", "--verbose", action="store_true")
+        if name == "bench":
+            _add_backend_args(p)
         p.set_defaults(func=_bench if name == "bench" else _simulate)
     return parser
 
@@ -136,7 +138,8 @@ def _bench(args: argparse.Namespace) -> int:
     from parm.bench.run_experiment import format_summary, run_bench
 
     exp, out = _experiment(args, "bench")
-    summary = run_bench(exp, out, progress=not args.no_progress, on_result=_print_result)
+    summary = run_bench(exp, out, progress=not args.no_progress, on_result=_print_result, backend=args.backend,
+                        ray_address=args.ray_address)
     print(format_summary(summary))
     print(f"results in {out}/summary.json")
     return 0
@@ -173,6 +176,16 @@ def _add_system_args(p: argparse.ArgumentParser, *, default_faults: str = "", de
     p.add_argument("--faults", default=default_faults, help="fault spec, or @FILE.toml (see below)")
     p.add_argument("--emulated-ms", type=float, default=default_emulated_ms,
                    help="extra service time per batch emulating an accelerator (default %(default)s)")
+    _add_backend_args(p)
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local: instances are processes on this machine (default); ray: Ray Serve deployments "
+                        "(pip install \"parm-serving[ray]\")")
+    p.add_argument("--ray-address", default=None,
+                   help="with --backend ray: a running cluster (auto, HOST:PORT or ray://HOST:10001); "
+                        "default: start a local one")
 
 
 def _system_spec(args: argparse.Namespace):
@@ -192,7 +205,7 @@ def _system_spec(args: argparse.Namespace):
         stall_timeout_ms=args.stall_timeout_ms, dispatch=args.dispatch, max_pending_queries=args.max_pending)
     spec = SystemSpec(base=str(args.base), instances=args.instances, serving=serving,
                       parity=args.parity and str(args.parity), cheap=args.cheap and str(args.cheap), faults=faults,
-                      emulated_ms=args.emulated_ms)
+                      emulated_ms=args.emulated_ms, backend=args.backend, ray_address=args.ray_address)
     return spec, base
 
 

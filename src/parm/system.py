@@ -21,6 +21,8 @@ from parm.training.checkpoint import ModelRecord, check_parity_matches, load_rec
 
 log = logging.getLogger(__name__)
 
+BACKENDS = ("local", "ray")
+
 
 @dataclass(frozen=True)
 class SystemSpec:
@@ -37,6 +39,8 @@ class SystemSpec:
     cheap: str | None = None
     faults: FaultSpec | None = None
     emulated_ms: float = 0.0
+    backend: str = "local"  # "local" (processes on this machine) or "ray" (Ray Serve deployments)
+    ray_address: str | None = None  # ray backend: a running cluster; None starts a local one
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -45,6 +49,12 @@ class SystemSpec:
             raise ConfigError("mode 'coded' needs a parity checkpoint (--parity)", field="parity", value=None)
         if self.serving.mode == "cheap" and self.cheap is None:
             raise ConfigError("mode 'cheap' needs an approximate model checkpoint (--cheap)", field="cheap", value=None)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}; got {self.backend!r}", field="backend",
+                              value=self.backend)
+        if self.ray_address is not None and self.backend != "ray":
+            raise ConfigError("ray_address (--ray-address) needs backend 'ray' (--backend ray)", field="ray_address",
+                              value=self.ray_address)
         if self.emulated_ms < 0:
             raise ConfigError(f"emulated_ms must be >= 0; got {self.emulated_ms}", field="emulated_ms",
                               value=self.emulated_ms)
@@ -96,8 +106,19 @@ def build_system(spec: SystemSpec, *, backend_factory: Callable[[list[InstanceSp
     specs = instance_specs(spec)
     if spec.faults is not None:
         spec.faults.check_instances(len(specs))
-    backend = (backend_factory or (lambda s, f: LocalBackend(s, faults=f)))(specs, spec.faults)
+    backend = (backend_factory or default_backend_factory(spec))(specs, spec.faults)
     return Frontend(spec.serving, backend, metrics=metrics)
+
+
+def default_backend_factory(spec: SystemSpec) -> Callable[[list[InstanceSpec], FaultSpec | None], Backend]:
+    """The spec's backend: local processes, or Ray Serve (which needs the ``ray`` extra)."""
+    if spec.backend == "local":
+        return lambda specs, faults: LocalBackend(specs, faults=faults)
+    try:
+        from parm.backends.ray_serve import RayServeBackend
+    except ImportError as exc:
+        raise ConfigError(str(exc), field="backend", value="ray") from None
+    return lambda specs, faults: RayServeBackend(specs, faults=faults, address=spec.ray_address)
 
 
 async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callable[[str, int], None] | None = None,
@@ -112,5 +133,9 @@ async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callab
         app = make_app(frontend, frontend.metrics, limits)
         await serve_http(app, host, port, on_ready=on_ready, stop=stop)
     finally:
-        await frontend.stop()
+        await frontend.stop()  # deletes the Ray Serve deployments too
+        if spec.backend == "ray":
+            from parm.backends.ray_serve import shutdown_cluster
+
+            shutdown_cluster()  # a local cluster we started; else just disconnect
 

@@ -44,15 +44,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoints: tuple[Path, Path]):
-    base, parity = tiny_checkpoints
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "parm.cli", "serve", "--base", str(base), "--parity", str(parity), "--instances", "2",
-         "--mode", "coded", "--host", "127.0.0.1", "--port", "0", "--max-pending", "64",
-         "--faults", "crash:instance=1,at_s=4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+def _start_server(args: list[str], timeout_s: float = 120) -> tuple[subprocess.Popen, int]:
+    """`parm serve ARGS --host 127.0.0.1 --port 0`, once it prints its ready line: (process, port)."""
+    proc = subprocess.Popen([sys.executable, "-m", "parm.cli", "serve", *args, "--host", "127.0.0.1", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout_s
     line = ""
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -60,8 +56,15 @@ def server(tiny_checkpoints: tuple[Path, Path]):
             break
     if not line.startswith("ready http://127.0.0.1:"):
         proc.kill()
-        pytest.fail(f"server did not start: {line!r} {proc.stderr.read()}")
-    port = int(line.strip().rsplit(":", 1)[1])
+        pytest.fail(f"server did not start: {line!r} {proc.stderr.read()[-3000:]}")
+    return proc, int(line.strip().rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints: tuple[Path, Path]):
+    base, parity = tiny_checkpoints
+    proc, port = _start_server(["--base", str(base), "--parity", str(parity), "--instances", "2", "--mode", "coded",
+                                "--max-pending", "64", "--faults", "crash:instance=1,at_s=4"])
     yield proc, port
     if proc.poll() is None:
         proc.kill()
@@ -149,3 +152,39 @@ def test_ctrl_c_stops_cleanly_without_orphans(server) -> None:
     while time.monotonic() < deadline and any(_alive(p) for p in family):
         time.sleep(0.1)
     assert not [p for p in family if _alive(p)]
+
+
+@pytest.mark.ray
+def test_serve_on_ray_same_http_api_then_ctrl_c_removes_everything(tiny_checkpoints: tuple[Path, Path]) -> None:
+    """`parm serve --backend ray` starts its own local Ray cluster: the same HTTP API answers; Ctrl-C
+    deletes the deployments, stops the cluster it started and leaves no process behind."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install \"parm-serving[ray]\"")
+    base, parity = tiny_checkpoints
+    proc, port = _start_server(["--backend", "ray", "--base", str(base), "--parity", str(parity), "--instances", "2"],
+                               timeout_s=180)
+    try:
+        x = np.random.default_rng(0).standard_normal((4, 784)).astype(np.float32)
+        status, out = _predict(port, {"inputs": x.tolist()})
+        assert status == 200 and len(out["outputs"]) == 4, out
+        assert _request(port, "POST", "/v1/predict", b"{not json")[0] == 400
+        status, _, health = _request(port, "GET", "/healthz")
+        assert status == 200 and [i["role"] for i in json.loads(health)["instances"]] == ["data", "data", "parity"]
+        family = _descendants(proc.pid)
+        assert any("raylet" in _cmdline(p) for p in family), "no local Ray cluster under the server"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+        assert "stopped" in proc.stdout.read()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.2)
+        assert not [(p, _cmdline(p)) for p in family if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,7 +1,7 @@
 """Run an experiment file for real (``parm bench``) or simulated (``parm simulate``) and write
 DIR/summary.json, DIR/results.csv, per-query records (real runs) and PNG plots.
 
-summary.json: ``{"kind", "experiment", "points": [{"point": {...}, "modes": {mode: stats}}],
+summary.json: ``{"kind", "experiment", "backend", "points": [{"point": {...}, "modes": {mode: stats}}],
 "modes": <the first point's modes>, <mode>: <the first point's stats for that mode>, "config"}``.
 Each mode's stats hold ``instances``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``p999_ms``, ``mean_ms``,
 ``max_ms``, ``reconstructed_fraction``, ``errors``, ``lost``, ``sources`` and (real runs on
@@ -48,7 +48,8 @@ def _parity_for(exp: Experiment, k: int) -> str | None:
 
 
 # ---- real runs -----------------------------------------------------------------------------
-def _system_spec(exp: Experiment, point: Point, mode: str, base_record: Any) -> Any:
+def _system_spec(exp: Experiment, point: Point, mode: str, base_record: Any, backend: str = "local",
+                 ray_address: str | None = None) -> Any:
     from parm.system import SystemSpec, check_checkpoints
 
     parity = _parity_for(exp, point.k) if mode == "coded" else None
@@ -67,7 +68,7 @@ def _system_spec(exp: Experiment, point: Point, mode: str, base_record: Any) -> 
         deadline_ms=float(exp.system.get("deadline_ms", 10_000.0)), dispatch=str(exp.system.get("dispatch", "shared")))
     return SystemSpec(base=exp.system["base"], instances=int(exp.system.get("instances", 2)), serving=serving,
                       parity=parity, cheap=exp.system.get("cheap") if mode == "cheap" else None, faults=point.faults,
-                      emulated_ms=float(exp.system.get("emulated_ms", 0.0)))
+                      emulated_ms=float(exp.system.get("emulated_ms", 0.0)), backend=backend, ray_address=ray_address)
 
 
 def _write_records(path: Path, mode: str, trial: int, records: list) -> None:
@@ -93,6 +94,8 @@ def _merge_trials(trials: list[dict[str, Any]], latencies_ms: list[float]) -> di
         for source, count in t["sources"].items():
             stats["sources"][source] = stats["sources"].get(source, 0) + count
     stats["reconstructed_fraction"] = stats["sources"].get("reconstructed", 0) / max(stats["queries"], 1)
+    restarts = [t["restarts"] for t in trials if t.get("restarts") is not None]
+    stats["restarts"] = sum(restarts) if restarts else None  # instances that failed and came back
     for key in {k for t in trials for k in t if k.startswith("accuracy")}:
         weights = [t["answered"] for t in trials if key in t]
         stats[key] = sum(t[key] * t["answered"] for t in trials if key in t) / max(sum(weights), 1)
@@ -100,8 +103,9 @@ def _merge_trials(trials: list[dict[str, Any]], latencies_ms: list[float]) -> di
 
 
 def _bench_mode(exp: Experiment, point: Point, mode: str, base_record: Any, data: tuple, out: Path,
-                progress: bool) -> tuple[dict[str, Any], list[float]]:
-    spec = _system_spec(exp, point, mode, base_record)
+                progress: bool, backend: str = "local", ray_address: str | None = None
+                ) -> tuple[dict[str, Any], list[float]]:
+    spec = _system_spec(exp, point, mode, base_record, backend, ray_address)
     trials, latencies = [], []
     for trial in range(int(exp.load.get("trials", 1))):
         load = LoadSpec(int(exp.load.get("queries", 2000)), point.rate, int(exp.load.get("seed", 0)) + trial,
@@ -118,8 +122,10 @@ def _bench_mode(exp: Experiment, point: Point, mode: str, base_record: Any, data
 
 
 def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
-              on_result: Callable[[str, str, dict], None] | None = None) -> dict[str, Any]:
-    """Run every point × mode × trial on the real system; write the outputs into ``out``."""
+              on_result: Callable[[str, str, dict], None] | None = None, backend: str = "local",
+              ray_address: str | None = None) -> dict[str, Any]:
+    """Run every point × mode × trial on the real system (``backend``: local processes or Ray
+    Serve deployments); write the outputs into ``out``."""
     from parm.data import load_dataset
     from parm.training.checkpoint import load_record
 
@@ -138,13 +144,14 @@ def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
             if mode == "cheap" and not exp.system.get("cheap"):
                 log.warning("skipping mode cheap: no [system] cheap checkpoint")
                 continue
-            modes[mode], latencies[mode] = _bench_mode(exp, point, mode, base_record, data, out, progress)
+            modes[mode], latencies[mode] = _bench_mode(exp, point, mode, base_record, data, out, progress,
+                                                       backend, ray_address)
             if on_result:
                 on_result(point.label, mode, modes[mode])
         _add_ratios(modes)
         points_out.append({"point": point.to_json(), "modes": modes})
         _plot_safely(out, point.label, latencies=latencies)
-    return _finish(exp, out, "bench", points_out)
+    return _finish(exp, out, "bench", points_out, backend=backend)
 
 
 # ---- simulated runs ------------------------------------------------------------------------
@@ -195,9 +202,10 @@ def run_simulation(exp: Experiment, out: Path, *, on_result: Callable[[str, str,
 
 
 # ---- outputs -------------------------------------------------------------------------------
-def _finish(exp: Experiment, out: Path, kind: str, points: list[dict[str, Any]]) -> dict[str, Any]:
+def _finish(exp: Experiment, out: Path, kind: str, points: list[dict[str, Any]], backend: str = "simulated"
+            ) -> dict[str, Any]:
     first = points[0]["modes"] if points else {}
-    summary = {"kind": kind, "experiment": exp.name, "points": points, "modes": first, **first,
+    summary = {"kind": kind, "experiment": exp.name, "backend": backend, "points": points, "modes": first, **first,
                "config": exp.to_json()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (out / "experiment.json").write_text(json.dumps(exp.to_json(), indent=2, default=str) + "\n")
