@@ -113,6 +113,10 @@ def test_a_model_error_fails_only_its_batch_and_cancel_stops_a_waiting_one() -> 
             await backend.stop()
 
     actor_before, actor_after = asyncio.run(main())
+    from ray import serve
+
+    assert not [app for app in serve.status().applications if app.startswith(f"parm-{backend.token}-")], \
+        "stop() left Serve applications behind"
     assert outcomes[1][0] is None and "RuntimeError" in outcomes[1][1], outcomes[1]
     assert outcomes[2][1] is None and tuple(outcomes[2][0].shape) == (2, 10)
     assert outcomes[3] == (None, "cancelled")

@@ -190,7 +190,7 @@ class _Instance:
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     """Connect to the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://...``), or
     start a local one when it is None; start Serve without its HTTP proxy (ParM has its own
-    ingress). Returns True when this call started a local cluster. Idempotent. Call it from a
+    ingress). Returns True when this process started a local cluster. Idempotent. Call it from a
     thread that lives as long as the cluster should (the main thread): Ray stops a local
     cluster's processes when the thread that started them ends."""
     if not ray.is_initialized():
@@ -241,8 +241,9 @@ class RayServeBackend(Backend):
 
     ``address``: a running cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``), or None to
     start a local one (or use the one this process already connected to). ``num_cpus``: CPUs
-    each replica reserves. ``keep_cluster``: leave Ray running after ``stop`` (several backends in
-    one process, as ``parm bench`` runs); call :func:`shutdown_cluster` at the end.
+    each replica reserves. ``stop`` deletes this backend's applications and leaves Ray running,
+    so several backends in one process (``parm bench`` runs one per mode) share one cluster; a
+    local cluster this process started stops at exit, or at :func:`shutdown_cluster`.
     """
 
     def __init__(self, instances: list[InstanceSpec], *, faults: Any | None = None, horizon_s: float = 3600.0,
