@@ -25,7 +25,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install \"par
 
 from parm.backends.ray_serve import (  # noqa: E402
     SERVE_NAMESPACE, RayServeBackend, _portable, check_reachable, packed_checkpoint)
-from parm.errors import ConfigError  # noqa: E402
+from parm.errors import ConfigError, InstanceFailedError  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -179,3 +179,15 @@ def test_an_unreachable_cluster_address_fails_fast_with_what_to_do() -> None:
             check_reachable(address)
     assert time.monotonic() - started < 10
     check_reachable("auto")  # left to Ray
+
+
+def test_replicas_the_cluster_cannot_place_fail_the_start_clearly_and_leave_nothing() -> None:
+    specs = [InstanceSpec(0, "data", ModelRef(factory="parm.models.toy:linear", kwargs={"in_shape": SHAPE}))]
+    backend = RayServeBackend(specs, num_cpus=1000, start_timeout_s=8)
+    started = time.monotonic()
+    with pytest.raises(InstanceFailedError, match="ray status"):
+        asyncio.run(backend.start(lambda *a: None, lambda *a: None, lambda *a: None))
+    assert time.monotonic() - started < 60
+    from ray import serve
+
+    assert not [app for app in serve.status().applications if app.startswith(f"parm-{backend.token}-")]

@@ -241,15 +241,16 @@ class RayServeBackend(Backend):
 
     ``address``: a running cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``), or None to
     start a local one (or use the one this process already connected to). ``num_cpus``: CPUs
-    each replica reserves. ``stop`` deletes this backend's applications and leaves Ray running,
+    each replica reserves (default: 1 on a cluster given by ``address``; none on the local
+    cluster, where all replicas share this machine's cores whatever they reserve). ``stop`` deletes this backend's applications and leaves Ray running,
     so several backends in one process (``parm bench`` runs one per mode) share one cluster; a
     local cluster this process started stops at exit, or at :func:`shutdown_cluster`.
     """
 
     def __init__(self, instances: list[InstanceSpec], *, faults: Any | None = None, horizon_s: float = 3600.0,
-                 address: str | None = None, num_cpus: float = 1.0, request_timeout_s: float = 60.0,
+                 address: str | None = None, num_cpus: float | None = None, request_timeout_s: float = 60.0,
                  start_timeout_s: float = 300.0) -> None:
-        if request_timeout_s <= 0 or start_timeout_s <= 0 or num_cpus < 0:
+        if request_timeout_s <= 0 or start_timeout_s <= 0 or (num_cpus is not None and num_cpus < 0):
             raise ConfigError("request_timeout_s and start_timeout_s must be > 0 and num_cpus >= 0",
                               field="ray", value=(request_timeout_s, start_timeout_s, num_cpus))
         self.instances = list(instances)
@@ -283,10 +284,11 @@ class RayServeBackend(Backend):
             raise
 
     async def _start(self) -> None:
-        local_cpus = max(os.cpu_count() or 1, int(len(self.instances) * self.num_cpus + 1))
         # On this thread, not a worker thread: Ray ties the local cluster's processes to the life of
         # the thread that started them (they would die with a thread pool's worker).
-        connect(self.address, num_cpus=local_cpus)
+        local = connect(self.address)
+        if self.num_cpus is None:  # on this machine's own cluster every replica shares its cores anyway
+            self.num_cpus = 0.0 if local and self.address is None else 1.0
         targets = []
         for inst in self._state.values():
             spec = inst.spec
@@ -297,11 +299,28 @@ class RayServeBackend(Backend):
             targets.append(RunTarget(target=deployment.bind(_portable(spec), self._faults_for(spec.instance_id),
                                                             self.t0_wall_s), name=inst.app, route_prefix=None))
         self._deployed = True
-        handles = await asyncio.to_thread(serve.run_many, targets)
+        handles = await asyncio.to_thread(serve.run_many, targets, wait_for_ingress_deployment_creation=False,
+                                          wait_for_applications_running=False)  # we wait, with our deadline
         for inst, handle in zip(self._state.values(), handles):
             inst.handle = handle
+        await self._wait_running()
         await asyncio.gather(*(self._open_watch(inst, previous=None) for inst in self._state.values()))
         log.info("Ray Serve backend: %d instances deployed as applications parm-%s-*", len(self.instances), self.token)
+
+    async def _wait_running(self) -> None:
+        """Until every application is RUNNING; a failed deployment raises with Serve's message."""
+        waiting = {inst.app for inst in self._state.values()}
+        while waiting:
+            status = (await asyncio.to_thread(serve.status)).applications
+            for name in list(waiting):
+                app = status.get(name)
+                state = None if app is None else str(getattr(app.status, "value", app.status))
+                if state == "RUNNING":
+                    waiting.discard(name)
+                elif state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                    raise InstanceFailedError(f"Serve could not deploy {name}: {app.message}", instance=-1)
+            if waiting:
+                await asyncio.sleep(0.25)
 
     def _faults_for(self, instance_id: int) -> Any:
         if self.fault_spec is None:
