@@ -188,3 +188,14 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.ray
+def test_serve_on_an_unreachable_ray_cluster_says_what_to_do(tiny_checkpoints: tuple[Path, Path]) -> None:
+    pytest.importorskip("ray", reason="Ray is not installed: pip install \"parm-serving[ray]\"")
+    base, parity = tiny_checkpoints
+    proc = subprocess.run([sys.executable, "-m", "parm.cli", "serve", "--backend", "ray", "--ray-address", "127.0.0.1:1",
+                           "--base", str(base), "--parity", str(parity), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no Ray cluster answers at '127.0.0.1:1'" in proc.stderr and "ray start --head" in proc.stderr
