@@ -372,9 +372,16 @@ class RayServeBackend(Backend):
                 stream.cancel()
                 await asyncio.sleep(0.2)
                 continue
+            if previous is not None:  # a replacement counts fault time from the run's origin too
+                try:
+                    await _within(inst.handle.set_origin.remote(self.t0_wall_s), self.request_timeout_s)
+                except (asyncio.TimeoutError, RayActorError) as exc:
+                    log.warning("instance %d: replacement replica %s did not answer (%s); waiting for another",
+                                inst.spec.instance_id, actor, type(exc).__name__)
+                    stream.cancel()
+                    await asyncio.sleep(0.2)
+                    continue
             inst.actor, inst.kill_reason = actor, None
-            if previous is not None:
-                await _within(inst.handle.set_origin.remote(self.t0_wall_s), self.request_timeout_s)
             inst.healthy = True
             self._spawn(inst, self._watch(inst, inst.generation, stream))
             return
