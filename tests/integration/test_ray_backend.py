@@ -24,7 +24,7 @@ from steady_load import serve_all
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install \"parm-serving[ray]\"")
 
 from parm.backends.ray_serve import (  # noqa: E402
-    SERVE_NAMESPACE, RayServeBackend, _portable, check_reachable, packed_checkpoint)
+    SERVE_NAMESPACE, RayServeBackend, _portable, check_reachable)
 from parm.errors import ConfigError, InstanceFailedError  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
@@ -134,7 +134,6 @@ def test_checkpoints_travel_to_replicas_as_bytes(tiny_checkpoints: tuple[Path, P
     torch.testing.assert_close(model(x), load_checkpoint(base)[0](x))
     with pytest.raises(ValueError, match="no record.json"):
         _portable(InstanceSpec(0, "data", ModelRef(checkpoint=str(base.parent))))
-    assert packed_checkpoint  # the factory name the replicas import
 
 
 def test_bench_runs_an_experiment_file_on_ray(tiny_checkpoints: tuple[Path, Path], tmp_path: Path,

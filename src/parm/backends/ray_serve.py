@@ -179,6 +179,7 @@ class _Instance:
     spec: InstanceSpec
     app: str
     handle: Any = None
+    stream_handle: Any = None  # handle.options(stream=True), made once
     actor: str | None = None  # the current replica's actor name
     healthy: bool = False
     generation: int = 0  # bumped when the replica is found dead; stale outcomes are ignored
@@ -302,7 +303,7 @@ class RayServeBackend(Backend):
         handles = await asyncio.to_thread(serve.run_many, targets, wait_for_ingress_deployment_creation=False,
                                           wait_for_applications_running=False)  # we wait, with our deadline
         for inst, handle in zip(self._state.values(), handles):
-            inst.handle = handle
+            inst.handle, inst.stream_handle = handle, handle.options(stream=True)
         await self._wait_running()
         await asyncio.gather(*(self._open_watch(inst, previous=None) for inst in self._state.values()))
         log.info("Ray Serve backend: %d instances deployed as applications parm-%s-*", len(self.instances), self.token)
@@ -360,7 +361,7 @@ class RayServeBackend(Backend):
         """Open a watch stream on the instance's replica; return once it names a replica other
         than ``previous`` (Serve's replacement), then mark the instance healthy."""
         while not self._stopping:
-            stream = inst.handle.options(stream=True).watch.remote()
+            stream = inst.stream_handle.watch.remote()
             try:
                 actor = await _within(stream.__anext__(), 5.0)
             except (asyncio.TimeoutError, RayActorError, StopAsyncIteration, TaskCancelledError) as exc:
@@ -416,9 +417,11 @@ class RayServeBackend(Backend):
         self._spawn(inst, self._replaced(inst, inst.actor))
 
     async def _replaced(self, inst: _Instance, previous: str | None) -> None:
+        down_s = time.monotonic()
         await self._open_watch(inst, previous)
         if not self._stopping:
-            log.info("instance %d (%s) back on replica %s", inst.spec.instance_id, inst.spec.role, inst.actor)
+            log.warning("instance %d (%s) back on replica %s after %.1f s", inst.spec.instance_id, inst.spec.role,
+                        inst.actor, time.monotonic() - down_s)
             self._on_ready(inst.spec.instance_id)
 
     def _spawn(self, inst: _Instance, coro: Any) -> None:
@@ -433,7 +436,7 @@ class RayServeBackend(Backend):
             self._loop.call_soon(self._on_result, instance_id, work_id, None, "instance is down")
             return
         array = inputs.detach().to(torch.float32).contiguous().numpy()
-        call = _Call(inst.handle.options(stream=True).run.remote(array.tobytes(), array.shape))
+        call = _Call(inst.stream_handle.run.remote(array.tobytes(), array.shape))
         inst.pending[work_id] = call
         self._spawn(inst, self._await(inst, inst.generation, work_id, call))
 
