@@ -1,6 +1,9 @@
 """Print the docs/EVALUATION.md tables from runs/bench/*/summary.json and runs/simulate/*/summary.json.
 
     python scripts/evaluation_tables.py runs/bench/load runs/simulate/load ...
+
+Every figure is printed with its 95% interval over trials (`[low, high]`); `inf` is a percentile
+reached by failed queries, `undefined` a ratio whose denominator is not finite.
 """
 
 from __future__ import annotations
@@ -9,23 +12,39 @@ import json
 import sys
 from pathlib import Path
 
+from parm.bench.run_experiment import CODED_FAMILY, format_with_interval
+
+
+def _ci(stats: dict, key: str, digits: int = 2, unit: str = "") -> str:
+    value = stats.get(key)
+    if value is None and key.startswith("p"):
+        value = float("inf")  # a null percentile in summary.json: failed queries reach that rank
+    return format_with_interval(value, stats.get(f"{key}_ci"), digits, unit)
+
 
 def table(path: Path) -> str:
     summary = json.loads((path / "summary.json").read_text())
-    lines = [f"**{summary['experiment']}** ({summary['kind']}, `{path}`)", "",
-             "| point | mode | instances | p50 ms | p99 ms | p99.9 ms | p99.9 − p50 | reconstructed | lost | accuracy | "
-             "coded gap ratio vs this |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    trials = {s.get("trials") for p in summary["points"] for s in p["modes"].values()}
+    lines = [f"**{summary['experiment']}** ({summary['kind']}, `{path}`, {'/'.join(map(str, sorted(trials)))} "
+             "trials per mode, 95% intervals)", "",
+             "| point | mode | inst | p50 ms | p99 ms | p99.9 ms | ok / err / rej / lost | recon | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ratios = ["", "| point | ParM vs | gap ratio (p99.9 − p50 of baseline / of ParM) | ParM median / baseline median |",
+              "|---|---|---|---|"]
     for p in summary["points"]:
-        coded = p["modes"].get("coded", {})
         for mode, s in p["modes"].items():
-            ratio = coded.get(f"gap_ratio_vs_{mode}")
             acc = s.get("accuracy")
-            lines.append(
-                f"| {p['point']['label']} | {mode} | {s['instances']} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-                f"{s['p999_ms']:.2f} | {s['p999_ms'] - s['p50_ms']:.2f} | {s['reconstructed_fraction']:.3f} | "
-                f"{s['lost']} | {'—' if acc is None else f'{acc:.4f}'} | {'' if ratio is None else f'{ratio:.2f}×'} |")
-    return "\n".join(lines)
+            lines.append(f"| {p['point']['label']} | {mode} | {s['instances']} | {_ci(s, 'p50_ms')} | "
+                         f"{_ci(s, 'p99_ms')} | {_ci(s, 'p999_ms')} | {s.get('ok', 0)} / {s['errors']} / "
+                         f"{s.get('rejected', 0)} / {s['lost']} | {s['reconstructed_fraction']:.3f} | "
+                         f"{'—' if acc is None else f'{acc:.4f}'} |")
+        for ours in CODED_FAMILY:
+            stats = p["modes"].get(ours, {})
+            for base in p["modes"]:
+                if base != ours and f"gap_ratio_vs_{base}" in stats:
+                    ratios.append(f"| {p['point']['label']} | {base} | {_ci(stats, f'gap_ratio_vs_{base}', unit='×')} | "
+                                  f"{_ci(stats, f'median_ratio_vs_{base}', 3)} |")
+    return "\n".join(lines + (ratios if len(ratios) > 3 else []))
 
 
 if __name__ == "__main__":

@@ -88,9 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_system_args(p, default_faults=DEMO_FAULTS, default_emulated_ms=5.0, default_instances=2)
     p.add_argument("--modes", default="none,equal,coded,hedge,replicate,cheap",
                    help="comma-separated modes (cheap is skipped without --cheap)")
-    p.add_argument("--queries", type=int, default=3000)
+    p.add_argument("--queries", type=int, default=2000, help="queries per mode and trial")
     p.add_argument("--rate", type=float, default=150.0, help="queries per second (Poisson)")
     p.add_argument("--warmup", type=int, default=200, help="queries discarded at the start")
+    p.add_argument("--trials", type=int, default=3,
+                   help="trials, each with its own fault realisation and arrivals (for the 95%% intervals)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the per-mode summaries here")
     p.add_argument("--data-root", type=Path, default=None)
@@ -105,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--modes", default=None, help="comma-separated modes (default: the file's)")
         p.add_argument("--queries", type=int, default=None, help="queries per run (default: the file's)")
         p.add_argument("--rate", type=float, default=None, help="queries/s; replaces a rate sweep")
-        p.add_argument("--trials", type=int, default=None)
+        p.add_argument("--trials", type=int, default=None,
+                       help="trials per point, each its own fault realisation (default: the file's, else 5)")
         p.add_argument("--out", type=Path, default=None, help=f"output folder (default: runs/{name}/NAME)")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("-v", "--verbose", action="store_true")
@@ -121,6 +124,8 @@ def _experiment(args: argparse.Namespace, kind: str):
     exp = load_experiment(args.experiment)
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
     exp = exp.with_overrides(modes=modes, queries=args.queries, rate=args.rate, trials=args.trials)
+    if kind == "simulate" and args.trials is not None:
+        exp = dataclasses.replace(exp, simulate={**exp.simulate, "trials": args.trials})
     if kind == "simulate" and args.queries is not None:
         exp = dataclasses.replace(exp, simulate={**exp.simulate, "queries": args.queries})
     if kind == "simulate" and args.rate is not None:
@@ -233,9 +238,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from parm.bench import LoadSpec, format_table, run_modes
+    from parm.bench import LoadSpec
+    from parm.bench.run_experiment import INTERVAL_METHOD, _json_safe, bench_systems, format_summary
     from parm.data import load_dataset
 
+    if args.trials < 1:
+        raise ConfigError(f"--trials must be >= 1; got {args.trials}", field="trials", value=args.trials)
     spec, base = _system_spec(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if spec.cheap is None and "cheap" in modes:
@@ -247,14 +255,20 @@ def _demo(args: argparse.Namespace) -> int:
     test = load_dataset(base.dataset, "test", data_root=args.data_root)
     load = LoadSpec(args.queries, args.rate, args.seed, args.warmup)
     print(f"{base.arch} on {base.dataset}: m={spec.instances} data instances, k={spec.serving.k}, "
-          f"{args.queries} queries at {args.rate:g}/s, emulated {spec.emulated_ms:g} ms per batch, "
-          f"faults: {spec.faults.to_text() if spec.faults else 'none'}", flush=True)
-    summaries = run_modes(spec, modes, test.float_images(), test.labels, load, progress=not args.no_progress)
-    print(format_table(summaries))
+          f"{args.queries} queries at {args.rate:g}/s x {args.trials} trials (each its own fault realisation), "
+          f"emulated {spec.emulated_ms:g} ms per batch, faults: {spec.faults.to_text() if spec.faults else 'none'}",
+          flush=True)
+    specs = {mode: dataclasses.replace(spec, serving=dataclasses.replace(spec.serving, mode=mode)) for mode in modes}
+    stats, _ = bench_systems(specs, load, spec.faults, args.trials, (test.float_images(), test.labels),
+                             progress=not args.no_progress)
+    summary = {"kind": "demo", "experiment": "demo", "points": [{"point": {"label": f"{args.rate:g}qps"},
+                                                                 "modes": stats}]}
+    print(format_summary(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"system": spec.to_json(), "load": dataclasses.asdict(load),
-                                         "modes": summaries}, indent=2, default=str) + "\n")
+        args.json.write_text(json.dumps(_json_safe({"system": spec.to_json(), "load": dataclasses.asdict(load),
+                                                    "trials": args.trials, "interval_method": INTERVAL_METHOD,
+                                                    "modes": stats}), indent=2, default=str, allow_nan=False) + "\n")
     return 0
 
 

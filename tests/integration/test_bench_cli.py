@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-MODE_FIELDS = ("instances", "p50_ms", "p99_ms", "p999_ms", "mean_ms", "reconstructed_fraction", "lost")
+MODE_FIELDS = ("instances", "trials", "p50_ms", "p99_ms", "p999_ms", "p50_ms_ci", "p99_ms_ci", "p999_ms_ci",
+               "mean_ms", "reconstructed_fraction", "ok", "errors", "rejected", "lost")
 
 EXPERIMENT = """\
 name = "tiny-bench"
@@ -30,6 +31,7 @@ emulated_ms = 2.0
 queries = 300
 rate = 100
 warmup = 20
+trials = 2
 seed = 0
 
 [faults]
@@ -71,12 +73,20 @@ def _check_modes(summary: dict, instances: dict[str, int]) -> None:
         for field in MODE_FIELDS:
             assert field in stats, f"{mode} lacks {field}: {sorted(stats)}"
         assert stats["instances"] == count
-        assert stats["lost"] == 0 and stats["errors"] == 0
+        assert stats["lost"] == 0 and stats["errors"] == 0 and stats["rejected"] == 0
+        assert stats["trials"] == 2 and stats["ok"] == stats["queries"]
         assert 0 < stats["p50_ms"] <= stats["p99_ms"] <= stats["p999_ms"]
+        for name in ("p50_ms", "p99_ms", "p999_ms"):
+            low, high = stats[f"{name}_ci"]
+            assert low <= stats[name] <= high
         assert 0 <= stats["reconstructed_fraction"] <= 1
     assert summary["none"]["reconstructed_fraction"] == 0
     ratio = summary["coded"]["gap_ratio_vs_none"]
     assert isinstance(ratio, float) and ratio > 0 and math.isfinite(ratio)
+    low, high = summary["coded"]["gap_ratio_vs_none_ci"]
+    assert low <= ratio <= high
+    low, high = summary["coded"]["median_ratio_vs_none_ci"]
+    assert low <= summary["coded"]["median_ratio_vs_none"] <= high
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -95,7 +105,7 @@ def test_bench_runs_the_experiment(experiment: Path, tmp_path: Path, data_root: 
     assert summary["kind"] == "bench" and summary["experiment"] == "tiny-bench"
     _check_modes(summary, {"none": 2, "coded": 3})
     for mode in ("none", "coded"):
-        assert summary[mode]["queries"] == 300 - 20  # warmup discarded
+        assert summary[mode]["queries"] == 2 * (300 - 20)  # warmup discarded, 2 trials
         assert 0 <= summary[mode]["accuracy"] <= 1
     assert summary["config"]["system"]["instances"] == 2
     assert (out / "experiment.json").exists()
@@ -104,7 +114,8 @@ def test_bench_runs_the_experiment(experiment: Path, tmp_path: Path, data_root: 
     assert [(r["mode"], r["point"], r["instances"]) for r in rows] == [("none", "100qps", "2"),
                                                                       ("coded", "100qps", "3")]
     records = _csv_rows(out / "records-100qps.csv")
-    assert len(records) == 2 * 300
+    assert len(records) == 2 * 2 * 300  # modes x trials x queries
+    assert {r["trial"] for r in records} == {"0", "1"}
     assert {r["source"] for r in records if r["mode"] == "none"} == {"original"}
     assert (out / "cdf-100qps.png").stat().st_size > 1000
 
@@ -120,7 +131,7 @@ def test_simulate_runs_the_experiment(experiment: Path, tmp_path: Path) -> None:
     assert [p["point"]["rate"] for p in summary["points"]] == [100.0, 200.0]
     for point in summary["points"]:
         _check_modes(point["modes"], {"none": 4, "coded": 6})
-        assert point["modes"]["coded"]["queries"] == 3000 - 20  # [load] warmup applies when [simulate] has none
+        assert point["modes"]["coded"]["queries"] == 2 * (3000 - 20)  # [load] warmup and trials apply
 
     rows = _csv_rows(out / "results.csv")
     assert [(r["point"], r["mode"]) for r in rows] == [("100qps", "none"), ("100qps", "coded"),

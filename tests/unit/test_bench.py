@@ -107,14 +107,23 @@ def test_arrivals_bad_n_names_field_n() -> None:
 
 
 # ---- percentiles --------------------------------------------------------------------------------
-def test_latency_summary_equals_numpy() -> None:
+def test_latency_summary_is_nearest_rank() -> None:
     values = np.random.default_rng(0).permutation(np.arange(1, 1002, dtype=np.float64))  # 1..1001, shuffled
     summary = latency_summary(values.tolist())
     for name, q in PERCENTILES.items():
-        assert summary[name] == float(np.percentile(values, q))
+        assert summary[name] == float(np.percentile(values, q, method="inverted_cdf"))
     assert summary["p50_ms"] == 501.0
-    assert summary["p999_ms"] == pytest.approx(1000.0)  # linear: rank 0.999·1000 = 999 -> value 1000
+    assert summary["p999_ms"] == 1000.0  # rank ceil(0.999 * 1001) = 1000
     assert summary["mean_ms"] == 501.0 and summary["max_ms"] == 1001.0
+
+
+def test_failed_queries_count_as_infinite_latency() -> None:
+    """2 failures in 1000 queries (0.2%) reach p99.9: no finite p99.9 can be reported."""
+    fast = [1.0] * 998
+    summary = latency_summary(fast, failed=2)
+    assert summary["p99_ms"] == 1.0 and math.isinf(summary["p999_ms"])
+    assert summary["mean_ms"] == 1.0 and summary["max_ms"] == 1.0  # over the answered ones
+    assert latency_summary(fast + [1.0], failed=1)["p999_ms"] == 1.0  # 0.1%: just below the rank
 
 
 def test_latency_summary_of_nothing_is_nan() -> None:
@@ -128,11 +137,19 @@ def lognormal_ms() -> np.ndarray:
     return np.random.default_rng(5).lognormal(mean=1.0, sigma=1.0, size=100_000)  # (n,) ms
 
 
+def nearest_rank(values: np.ndarray, q: float) -> float:
+    """The ceil(q/100 * n)-th smallest, with q/100 * n taken exactly (0.999 * 100000 is 99900)."""
+    from fractions import Fraction
+
+    rank = max(1, -(-Fraction(str(q)) * len(values) // 100))
+    return float(np.sort(values)[int(rank) - 1])
+
+
 @pytest.mark.parametrize("q", [0, 1, 10, 50, 90, 99, 99.9, 99.99, 100])
 def test_histogram_percentile_within_precision(lognormal_ms: np.ndarray, q: float) -> None:
     hist = LatencyHistogram()
     hist.record_many(lognormal_ms)
-    exact = float(np.percentile(lognormal_ms, q, method="inverted_cdf"))
+    exact = nearest_rank(lognormal_ms, q)
     assert abs(hist.percentile(q) - exact) <= hist.precision * exact
 
 
@@ -141,8 +158,7 @@ def test_histogram_summary_matches_exact(lognormal_ms: np.ndarray) -> None:
     hist.record_many(lognormal_ms)
     summary = hist.summary()
     for name, q in PERCENTILES.items():
-        exact = float(np.percentile(lognormal_ms, q, method="inverted_cdf"))
-        assert summary[name] == pytest.approx(exact, rel=hist.precision)
+        assert summary[name] == pytest.approx(nearest_rank(lognormal_ms, q), rel=hist.precision)
     assert summary["mean_ms"] == pytest.approx(lognormal_ms.mean(), rel=1e-9)
     assert summary["max_ms"] == lognormal_ms.max()
     assert hist.total == lognormal_ms.size
@@ -210,14 +226,15 @@ class ScriptedServer:
     ``block_s[i]``: the i-th ``submit`` call blocks the sender this long before the query is
     queued (the virtual clock is advanced inside the call, as if the call itself took that long).
     ``reject``: indices whose submit raises OverloadedError. ``fail``: indices whose future fails.
+    ``swallow``: indices whose future is never resolved.
     ``answered_s[i]``: when query i's answer was delivered.
     """
 
     def __init__(self, *, default_s: float = 0.01, service_s: dict[int, float] | None = None,
                  block_s: dict[int, float] | None = None, reject: set[int] = frozenset(),
-                 fail: set[int] = frozenset()) -> None:
+                 fail: set[int] = frozenset(), swallow: set[int] = frozenset()) -> None:
         self.default_s, self.service_s, self.block_s = default_s, service_s or {}, block_s or {}
-        self.reject, self.fail = reject, fail
+        self.reject, self.fail, self.swallow = reject, fail, swallow
         self.free_at = -math.inf
         self.calls = 0
         self.queued_s: dict[int, float] = {}
@@ -235,6 +252,8 @@ class ScriptedServer:
         self.free_at = max(now, self.free_at) + self.service_s.get(i, self.default_s)
         self.answered_s[i] = self.free_at
         future = loop.create_future()
+        if i in self.swallow:
+            return future  # never resolved: a server that loses the query
         if i in self.fail:
             loop.call_at(self.free_at, future.set_exception, ServingError("scripted failure"))
         else:
@@ -250,7 +269,7 @@ def _open_loop(server: ScriptedServer, arrivals_s: list[float], queries: torch.T
 
     async def main() -> list[QueryResult]:
         return await run_open_loop(server.submit, qs, np.asarray(arrivals_s),
-                                   clock=asyncio.get_running_loop().time, timeout_s=3600)
+                                   clock=asyncio.get_running_loop().time, answer_timeout_s=3600)
 
     started = time.monotonic()
     results = run_virtual(main())
@@ -298,6 +317,35 @@ def test_open_loop_records_rejections_and_errors() -> None:
     assert [r.label for r in results] == [0, None, None, 3]
 
 
+def test_open_loop_counts_a_query_never_answered_as_lost_and_ends_on_time() -> None:
+    server = ScriptedServer(swallow={1})
+
+    async def main() -> tuple[list[QueryResult], float]:
+        loop = asyncio.get_running_loop()
+        results = await run_open_loop(server.submit, torch.zeros(3, 1), np.array([0.0, 0.1, 0.2]), clock=loop.time,
+                                      answer_timeout_s=2.0)
+        return results, loop.time()
+
+    results, ended_s = run_virtual(main())
+    assert [r.outcome for r in results] == ["ok", "lost", "ok"]
+    assert math.isinf(results[1].latency_ms) and "answer_timeout_s=2.0" in results[1].error
+    assert ended_s == pytest.approx(results[0].scheduled_s + 0.2 + 2.0, abs=1e-6)  # last send + answer timeout
+    s = summarize(results, total=3)
+    assert (s["ok"], s["lost"]) == (2, 1) and math.isinf(s["p99_ms"])
+
+
+def test_an_answer_after_the_cutoff_does_not_resurrect_a_lost_query() -> None:
+    server = ScriptedServer(service_s={0: 5.0})  # answered 5 s after a 1 s cutoff
+
+    async def main() -> list[QueryResult]:
+        results = await run_open_loop(server.submit, torch.zeros(1, 1), np.array([0.0]),
+                                      clock=asyncio.get_running_loop().time, answer_timeout_s=1.0)
+        await asyncio.sleep(10)  # the answer comes now
+        return results
+
+    assert [r.outcome for r in run_virtual(main())] == ["lost"]
+
+
 def test_open_loop_through_the_frontend_counts_frontend_queueing() -> None:
     """The real Frontend over a FakeBackend with one data instance taking one batch at a time:
     its 2nd batch takes 2 s; queries 2 and 3 wait in the frontend, are sent to the instance only
@@ -312,7 +360,7 @@ def test_open_loop_through_the_frontend_counts_frontend_queueing() -> None:
         await frontend.start()
         try:
             return await run_open_loop(frontend.submit, torch.zeros(4, 1), np.array([0.0, 0.1, 0.2, 0.3]),
-                                       clock=loop.time, timeout_s=60)
+                                       clock=loop.time, answer_timeout_s=60)
         finally:
             await frontend.stop()
 
@@ -345,12 +393,13 @@ def test_summarize_discards_warmup_and_counts_everything() -> None:
         # index 9: no record at all -> lost
     ]
     s = summarize(records, total=10, labels=labels, warmup=2)
-    assert s["queries"] == 7 and s["answered"] == 5
+    assert s["queries"] == 8 and s["answered"] == 5 and s["ok"] == 5
     assert (s["errors"], s["rejected"], s["lost"]) == (1, 1, 1)
     assert s["sources"] == {"original": 2, "reconstructed": 3, "error": 2}
-    assert s["reconstructed_fraction"] == pytest.approx(3 / 7)
-    assert s["p50_ms"] == pytest.approx(30.0) and s["max_ms"] == pytest.approx(50.0)  # no errors, no warmup
-    assert s["mean_ms"] == pytest.approx(30.0)
+    assert s["reconstructed_fraction"] == pytest.approx(3 / 8)
+    # 5 answered + 3 failed (+inf): the median is the 4th smallest, the tail is infinite
+    assert s["p50_ms"] == pytest.approx(40.0) and math.isinf(s["p999_ms"])
+    assert s["max_ms"] == pytest.approx(50.0) and s["mean_ms"] == pytest.approx(30.0)  # answered only
     assert s["accuracy"] == pytest.approx(3 / 5)
     assert s["accuracy_original"] == pytest.approx(1 / 2)
     assert s["accuracy_reconstructed"] == pytest.approx(2 / 3)
@@ -367,7 +416,7 @@ def test_summarize_without_labels_or_answers() -> None:
     s = summarize([_rec(0, 0.0, "error", "error", None)], total=3)
     assert "accuracy" not in s
     assert s["lost"] == 2 and s["errors"] == 1 and s["answered"] == 0
-    assert math.isnan(s["p50_ms"])
+    assert math.isinf(s["p50_ms"])  # every query failed
 
 
 # ---- experiment files ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from parm.faults import (
     FaultSpec,
     InstanceFaults,
     RandomDelay,
+    Shuffle,
     SlowEpisodes,
     Stall,
     Straggler,
@@ -26,6 +27,7 @@ from parm.faults import (
     parse_fault_spec,
     summarize,
 )
+from parm.faults.schedule import _shuffle_pairs
 
 EXAMPLE = (
     "crash:instance=1,at_s=5;slow:rate_hz=0.5,duration_s=1,factor=20;straggler:instance=0,factor=3;"
@@ -85,7 +87,7 @@ def test_unknown_key_message() -> None:
 @pytest.mark.parametrize(
     ("text", "fragments"),
     [
-        ("crsh:instance=1", ["unknown kind 'crsh'", "accepted: slow, straggler, delay, crash, stall"]),
+        ("crsh:instance=1", ["unknown kind 'crsh'", "accepted: slow, straggler, delay, crash, stall, shuffle"]),
         ("crash", ["missing required key 'instance'", "required: instance, at_s"]),
         ("crash:instance=1", ["missing required key 'at_s'"]),
         ("crash:instance=x,at_s=1", ["'instance' for crash must be an integer", "'x'"]),
@@ -113,6 +115,18 @@ def test_unknown_key_message() -> None:
         ("delay:mean_ms=1,prob=-0.1", ["prob must be a finite number >= 0"]),
         ("delay:mean_ms=1,dist=gauss", ["dist must be one of exp, const, uniform", "dist='gauss'"]),
         ("stall:instance=0,at_s=1,duration_s=0", ["duration_s must be > 0 seconds"]),
+        ("shuffle:concurrent=4,duration_s=2", ["missing required key 'link_mbps'",
+                                               "required: concurrent, duration_s, link_mbps"]),
+        ("shuffle:concurrent=0,duration_s=2,link_mbps=10", ["concurrent must be an integer >= 1", "concurrent=0"]),
+        ("shuffle:concurrent=1.5,duration_s=2,link_mbps=10", ["'concurrent' for shuffle must be an integer",
+                                                              "'1.5'"]),
+        ("shuffle:concurrent=4,duration_s=0,link_mbps=10", ["duration_s must be a finite number > 0", "duration_s=0.0"]),
+        ("shuffle:concurrent=4,duration_s=inf,link_mbps=10", ["duration_s must be a finite number > 0", "inf"]),
+        ("shuffle:concurrent=4,duration_s=2,link_mbps=-1", ["link_mbps must be a finite number > 0", "link_mbps=-1.0"]),
+        ("shuffle:concurrent=4,duration_s=2,link_mbps=10,instances=3",
+         ["instances must be a list of at least 2 instance indices", "instances=[3]"]),
+        ("shuffle:concurrent=4,duration_s=2,link_mbps=10,rate_hz=1",
+         ["unknown key 'rate_hz' for shuffle", "accepted: concurrent, duration_s, link_mbps, instances"]),
     ],
 )
 def test_parse_errors(text: str, fragments: list[str]) -> None:
@@ -122,6 +136,43 @@ def test_parse_errors(text: str, fragments: list[str]) -> None:
     assert message.startswith("fault '")
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_parse_shuffle() -> None:
+    spec = parse_fault_spec("shuffle:concurrent=4,duration_s=2,link_mbps=10,instances=2|0|1;seed=3")
+    assert spec.faults == (Shuffle(concurrent=4, duration_s=2.0, link_mbps=10.0, instances=(0, 1, 2)),)
+    (fault,) = spec.faults
+    assert isinstance(fault.concurrent, int) and isinstance(fault.link_mbps, float)
+    assert parse_fault_spec(spec.to_text()) == spec
+    assert fault_spec_from_dict(json.loads(json.dumps(spec.to_json()))) == spec
+    assert parse_fault_spec("shuffle:concurrent=1,duration_s=0.5,link_mbps=100").faults[0].instances is None
+    assert "shuffle:concurrent=C,duration_s=D,link_mbps=L" in FAULT_SPEC_HELP
+
+
+def test_shuffle_from_dict_and_toml(tmp_path: Path) -> None:
+    native = {"seed": 3, "fault": [{"kind": "shuffle", "concurrent": 4, "duration_s": 2, "link_mbps": 10}]}
+    strings = {"seed": 3, "fault": [{"kind": "shuffle", "concurrent": "4", "duration_s": "2", "link_mbps": "10"}]}
+    expected = FaultSpec((Shuffle(4, 2.0, 10.0),), seed=3)
+    assert fault_spec_from_dict(native) == fault_spec_from_dict(strings) == expected
+    path = tmp_path / "shuffle.toml"
+    path.write_text('seed = 3\n[[fault]]\nkind = "shuffle"\nconcurrent = 4\nduration_s = 2.0\nlink_mbps = 10\n'
+                    'instances = [3, 1]\n')
+    assert load_fault_spec(path) == FaultSpec((Shuffle(4, 2.0, 10.0, instances=(1, 3)),), seed=3)
+    path.write_text('[[fault]]\nkind = "shuffle"\nconcurrent = 4.0\nduration_s = 2\nlink_mbps = 10\n')
+    with pytest.raises(ConfigError, match=r"'concurrent' for shuffle must be an integer; got 4\.0"):
+        load_fault_spec(path)
+
+
+def test_shuffle_validates_directly() -> None:
+    with pytest.raises(ConfigError, match="concurrent must be an integer >= 1; got concurrent=True") as info:
+        Shuffle(concurrent=True, duration_s=1.0, link_mbps=10.0)  # type: ignore[arg-type]
+    assert info.value.field == "shuffle.concurrent"
+    with pytest.raises(ConfigError, match="link_mbps must be a number"):
+        Shuffle(1, 1.0, "10")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="at least 2 instance indices"):
+        Shuffle(1, 1.0, 10.0, instances=[4, 4])
+    assert Shuffle(2, 1, 10, instances=[5, 1]).instances == (1, 5)
+    assert FaultSpec((Shuffle(2, 1, 10, instances=[0, 5]),)).out_of_range(5) == (Shuffle(2, 1, 10, instances=(0, 5)),)
 
 
 def test_errors_name_the_item() -> None:
@@ -402,3 +453,165 @@ def test_summarize() -> None:
     text = format_summary(summary)
     assert "instance 3" in text and "seed=7" in text
     assert format_summary(summarize(FaultSpec.none(), 2, 10.0)) == "faults: none"
+
+
+# ---------------------------------------------------------------- shuffles
+
+
+def _shuffle_spec(concurrent: int, duration_s: float = 0.5, link_mbps: float = 10.0, seed: int = 1,
+                  instances: tuple[int, ...] | None = None) -> FaultSpec:
+    return FaultSpec((Shuffle(concurrent, duration_s, link_mbps, instances=instances),), seed=seed)
+
+
+def _all_schedules(spec: FaultSpec, n: int, horizon_s: float) -> list[InstanceFaults]:
+    return [InstanceFaults.build(spec, i, horizon_s, n_instances=n) for i in range(n)]
+
+
+def test_shuffle_schedule_is_global() -> None:
+    n, concurrent, duration_s, horizon_s = 6, 4, 0.5, 200.0
+    spec = _shuffle_spec(concurrent, duration_s)
+    schedules = _all_schedules(spec, n, horizon_s)
+    shuffles = int(horizon_s / duration_s)
+    pairs = np.stack([_shuffle_pairs(1, 0, c, n, shuffles) for c in range(concurrent)])  # (C, J, 2)
+    assert np.all(pairs[..., 0] != pairs[..., 1])
+    for j in range(shuffles):
+        for t_s in (j * duration_s, (j + 0.5) * duration_s):
+            counts = [s.shuffle_count(t_s) for s in schedules]  # (n,)
+            assert sum(counts) == 2 * concurrent  # every slot's pair is two distinct instances
+            for i in range(n):
+                members = int((pairs[:, j] == i).any(axis=1).sum())  # slots whose pair at j holds i
+                assert counts[i] == members
+    assert all(s.shuffle_count(horizon_s + 1.0) == 0 and s.shuffle_count(-1.0) == 0 for s in schedules)
+
+
+def test_one_shuffle_touches_exactly_its_pair() -> None:
+    n, duration_s = 5, 0.25
+    schedules = _all_schedules(_shuffle_spec(1, duration_s, seed=9), n, 100.0)
+    seen = set()
+    for j in range(400):
+        counts = [s.shuffle_count((j + 0.5) * duration_s) for s in schedules]
+        assert sorted(counts) == [0, 0, 0, 1, 1]  # both members of the pair, nobody else
+        seen.add(tuple(i for i, c in enumerate(counts) if c))
+    assert len(seen) == n * (n - 1) // 2  # every unordered pair turns up: the pair changes over time
+
+
+def test_shuffle_touches_each_instance_uniformly() -> None:
+    n, concurrent = 8, 4
+    schedules = _all_schedules(_shuffle_spec(concurrent, 1.0, seed=2), n, 5_000.0)
+    shares = np.array([s.shuffle[0].raw_count for s in schedules]) / (concurrent * 5_000)  # (n,)
+    assert shares == pytest.approx(np.full(n, 2 / n), rel=0.08)
+
+
+def test_shuffle_deterministic_and_horizon_extends() -> None:
+    spec = _shuffle_spec(4, 0.5, seed=5)
+    short = InstanceFaults.build(spec, 2, 100.0, n_instances=6)
+    long = InstanceFaults.build(spec, 2, 10_000.0, n_instances=6)
+    assert short == InstanceFaults.build(spec, 2, 100.0, n_instances=6)
+    assert long.shuffles()[: len(short.shuffles()) - 1] == short.shuffles()[:-1]
+    assert all(short.shuffle_count(t) == long.shuffle_count(t) for t in np.linspace(0.0, 99.99, 5_000))
+    assert short.shuffles() != InstanceFaults.build(_shuffle_spec(4, 0.5, seed=6), 2, 100.0, 6).shuffles()
+    # the draw depends on the candidate set, not on whether it was named or implied by n_instances
+    named = _shuffle_spec(4, 0.5, seed=5, instances=(0, 1, 2, 3, 4, 5))
+    assert InstanceFaults.build(named, 2, 100.0).shuffles() == short.shuffles()
+
+
+def test_shuffle_runs_are_maximal_and_match_counts() -> None:
+    schedule = InstanceFaults.build(_shuffle_spec(3, 0.5, seed=4), 1, 300.0, n_instances=4)
+    runs = schedule.shuffles()
+    assert runs and all(1 <= count <= 3 for _, _, count in runs)
+    for (start_s, end_s, count), (next_start, _, next_count) in zip(runs, runs[1:]):
+        assert start_s < end_s <= next_start
+        assert end_s < next_start or count != next_count
+    for start_s, end_s, count in runs[:50]:
+        assert schedule.shuffle_count(start_s) == count
+        assert schedule.shuffle_count(np.nextafter(end_s, -math.inf)) == count
+
+
+def test_transfer_s_with_two_instances() -> None:
+    nbytes, link_mbps = 1_250_000, 10.0  # 10 Mb over a 10 Mb/s link: 1 s alone
+    for concurrent in (1, 3):
+        spec = _shuffle_spec(concurrent, 2.0, link_mbps)
+        for schedule in _all_schedules(spec, 2, 60.0):  # two instances: every shuffle is theirs
+            assert not schedule.empty
+            assert schedule.shuffles() == [(0.0, 60.0, concurrent)]
+            for t_s in (0.0, 1.0, 2.0, 59.9):
+                assert schedule.transfer_s(t_s, nbytes) == pytest.approx(nbytes * 8 * concurrent / (link_mbps * 1e6))
+            assert schedule.transfer_s(1.0, 0) == 0.0
+            assert schedule.transfer_s(61.0, nbytes) == 0.0  # past the horizon
+            assert schedule.service_time_s(1.0, 0.01, 0) == 0.01  # no bytes: no transfer time
+            assert schedule.service_time_s(1.0, 0.01, 0, nbytes) == pytest.approx(0.01 + concurrent)
+    both = FaultSpec((Shuffle(1, 2.0, 10.0), Shuffle(2, 1.0, 20.0)))
+    schedule = InstanceFaults.build(both, 0, 60.0, n_instances=2)
+    assert schedule.transfer_s(5.0, nbytes) == pytest.approx(1.0 + 2 * 0.5)  # extras of two faults add up
+    with pytest.raises(ConfigError, match="nbytes must be an integer >= 0; got nbytes=-1"):
+        schedule.transfer_s(1.0, -1)
+    assert InstanceFaults.build(FaultSpec.none(), 0, 10.0).transfer_s(1.0, nbytes) == 0.0
+
+
+def test_shuffle_candidates_and_n_instances() -> None:
+    spec = _shuffle_spec(2, 1.0)
+    with pytest.raises(ConfigError, match="pass n_instances") as info:
+        InstanceFaults.build(spec, 0, 10.0)
+    assert info.value.field == "n_instances"
+    with pytest.raises(ConfigError, match="needs at least 2 instances to draw a pair; got n_instances=1"):
+        InstanceFaults.build(spec, 0, 10.0, n_instances=1)
+    with pytest.raises(ConfigError, match="n_instances must be None or an integer > instance"):
+        InstanceFaults.build(spec, 3, 10.0, n_instances=3)
+    named = _shuffle_spec(1, 1.0, instances=(0, 2))
+    assert InstanceFaults.build(named, 1, 10.0).empty  # not a candidate: no shuffle load
+    assert InstanceFaults.build(named, 3, 10.0, n_instances=4).transfer_s(1.0, 10**6) == 0.0
+    assert InstanceFaults.build(named, 2, 10.0).shuffles() == [(0.0, 10.0, 1)]
+    assert InstanceFaults.build(FaultSpec.none(), 0, 10.0, n_instances=1).empty
+
+
+def test_shuffle_pickle_round_trip() -> None:
+    spec = parse_fault_spec(EXAMPLE + ";shuffle:concurrent=4,duration_s=0.5,link_mbps=10")
+    schedule = InstanceFaults.build(spec, 1, 300.0, n_instances=6)
+    copy = pickle.loads(pickle.dumps(schedule))
+    assert copy == schedule and copy.shuffles() == schedule.shuffles()
+    times = np.linspace(0.0, 299.0, 997)
+    assert [copy.service_time_s(t, 0.01, n, 50_000) for n, t in enumerate(times)] == [
+        schedule.service_time_s(t, 0.01, n, 50_000) for n, t in enumerate(times)
+    ]
+    assert any(copy.transfer_s(t, 50_000) > 0 for t in times)
+
+
+def test_shuffle_summary() -> None:
+    n, concurrent = 6, 4
+    summary = summarize(_shuffle_spec(concurrent, 1.0, 10.0, seed=3), n, 5_000.0)
+    expected = 1 - (1 - 2 / n) ** concurrent
+    for row in summary["per_instance"]:
+        assert row["shuffled_fraction_expected"] == pytest.approx(expected)
+        assert row["shuffled_fraction"] == pytest.approx(expected, abs=0.03)
+        assert row["transfer_ms_per_mb_expected"] == pytest.approx(8e3 * (2 * concurrent / n) / 10.0)
+        assert row["transfer_ms_per_mb"] == pytest.approx(row["transfer_ms_per_mb_expected"], rel=0.05)
+        assert row["shuffles"] == pytest.approx(concurrent * 5_000 * 2 / n, rel=0.08)
+    assert "in shuffles" in format_summary(summary)
+    named = summarize(_shuffle_spec(1, 1.0, instances=(0, 1)), 2, 50.0, n_instances=3)
+    assert [row["shuffled_fraction"] for row in named["per_instance"]] == [1.0, 1.0]
+    wider = summarize(_shuffle_spec(1, 1.0), 1, 50.0, n_instances=4)["per_instance"][0]
+    assert wider["shuffled_fraction_expected"] == pytest.approx(0.5)
+    assert "in shuffles" not in format_summary(summarize(_slow_spec(0.5, 1.0), 2, 10.0))
+    with pytest.raises(ConfigError, match="n_instances must be an integer >= instances=3"):
+        summarize(_shuffle_spec(1, 1.0), 3, 10.0, n_instances=2)
+
+
+# ---------------------------------------------------------------- trials
+
+
+def test_for_trial() -> None:
+    spec = parse_fault_spec(EXAMPLE)
+    trials = [spec.for_trial(t) for t in range(200)]
+    assert all(t.faults == spec.faults for t in trials)
+    seeds = [t.seed for t in trials]
+    assert len(set(seeds)) == 200 and spec.seed not in seeds
+    assert all(0 <= seed < 2**63 for seed in seeds)
+    assert spec.for_trial(3) == parse_fault_spec(EXAMPLE).for_trial(3)  # deterministic
+    assert spec.for_trial(np.int64(3)) == spec.for_trial(3)
+    assert FaultSpec(spec.faults, seed=8).for_trial(3).seed != spec.for_trial(3).seed
+    assert FaultSpec(seed=2**63 - 1).for_trial(0).seed < 2**63
+    first, second = (InstanceFaults.build(spec.for_trial(t), 3, 500.0) for t in (0, 1))
+    assert first.episodes() != second.episodes()  # trials see independent realisations
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="trial must be an integer >= 0"):
+            spec.for_trial(bad)  # type: ignore[arg-type]

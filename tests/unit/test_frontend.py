@@ -35,7 +35,7 @@ WAIT_S = 2.0  # longest any single await in these tests may take
 
 def first_data(frontend) -> int:
     """The data instance the next batch goes to (the one idle longest)."""
-    return next(iter(frontend.dispatcher._free["data"]))
+    return frontend.dispatcher.idle_order("data")[0]
 
 def build(mode: str = "coded", *, m: int = 2, k: int = 2, delay_s: float = 0.001, restart_s: float = 0.005,
           **config) -> tuple[Frontend, FakeBackend]:
@@ -146,20 +146,43 @@ def test_hedge_resends_a_late_batch_to_another_instance_and_answers_retried() ->
         async with serving(frontend):
             await warm_up(frontend)
             warm_sends = len(backend.sends)
-            backend.set_delay(0, 0.15)  # the next batch goes to instance 0 (idle, first) and is late
+            slow = first_data(frontend)
+            backend.set_delay(slow, 0.15)  # the next batch goes to it (idle longest) and is late
             pred = await asyncio.wait_for(frontend.submit(q), WAIT_S)
             late = backend.sends_of(q)[0]
             await backend.until(lambda: late.work_id in backend.answered)  # the late original comes back
-            return pred, warm_sends
+            return pred, warm_sends, slow
 
-    pred, warm_sends = run(main())
+    pred, warm_sends, slow = run(main())
     assert warm_sends == 20, "a batch that was not late was hedged"
     sent = backend.sends_of(q)
-    assert [s.instance for s in sent][0] == 0 and len(sent) == 2 and sent[1].instance != 0
+    assert [s.instance for s in sent][0] == slow and len(sent) == 2 and sent[1].instance != slow
     assert pred.source is Source.RETRIED and pred.instance == sent[1].instance
     assert_true_scores([pred], q[None])
     assert frontend.counts[Source.RETRIED] == 1 and len(frontend.records) == 21  # the late original is ignored
     assert sample(frontend, "parm_resends_total") == 1
+
+
+def test_hedge_times_a_batch_from_its_send_and_never_hedges_a_queued_one() -> None:
+    frontend, backend = build("hedge", m=1, k=2, hedge_min_ms=5.0, max_in_flight=1)  # 2 data instances
+    blockers, q = queries(2, seed=6), queries(1, seed=7)[0]
+
+    async def main():
+        async with serving(frontend):
+            await warm_up(frontend)  # hedge deadline: max(5 ms, p95 of ~1 ms)
+            resends = sample(frontend, "parm_resends_total")
+            for i in ids(backend, "data"):
+                backend.script(i, backend.received(i), 0.06)  # both instances busy for 60 ms
+            futures = [frontend.submit(b) for b in blockers]
+            late = frontend.submit(q)  # waits in the queue ~60 ms, far past the 5 ms deadline
+            return await answers(futures + [late]), resends
+
+    preds, resends_before = run(main())
+    assert_true_scores(preds, torch.cat([blockers, q[None]]))
+    assert len(backend.sends_of(q)) == 1, "a batch still queued was hedged"
+    assert preds[-1].source is Source.ORIGINAL
+    assert sample(frontend, "parm_resends_total") - resends_before == len(
+        [s for b in blockers for s in backend.sends_of(b)]) - 2  # only re-sends that really left
 
 
 @pytest.mark.parametrize("cheap_delay_s", [0.001, 0.015], ids=["cheap-in-before-late", "cheap-in-after-late"])
@@ -709,3 +732,21 @@ def test_a_failing_answer_hook_does_not_hold_the_query() -> None:
 
     preds = run(main())
     assert_true_scores(preds, qs)
+
+
+def test_round_robin_serves_a_dead_instance_queue_elsewhere_while_its_restart_is_blocked() -> None:
+    """m = 2, the paper's dispatch: instance 1 dies on its first batch and does not come back
+    for a minute. Its batch and the work queued for it run on instance 0 instead."""
+    frontend, backend = build("none", m=2, dispatch="round_robin", max_in_flight=1, restart_s=60.0,
+                              deadline_ms=1500)
+    qs = queries(6, seed=78)
+
+    async def main():
+        async with serving(frontend):
+            backend.crash_on(1, backend.received(1))
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)  # on the old dispatcher: DeadlineExceededError for the queries queued for 1
+    assert all(p.instance == 0 for p in preds)
+    assert backend.crashes == [1] and not backend.healthy(1)

@@ -94,7 +94,7 @@ class LocalBackend(Backend):
 
         from parm.faults import InstanceFaults
 
-        faults = InstanceFaults.build(self.fault_spec, instance_id, self.horizon_s)
+        faults = InstanceFaults.build(self.fault_spec, instance_id, self.horizon_s, n_instances=len(self.instances))
         if instance_id in self._crashed:  # an injected crash fires once per run
             faults = dataclasses.replace(faults, crash_at_s=None)
         return faults

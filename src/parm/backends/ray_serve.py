@@ -328,7 +328,7 @@ class RayServeBackend(Backend):
             return None
         from parm.faults import InstanceFaults
 
-        return InstanceFaults.build(self.fault_spec, instance_id, self.horizon_s)
+        return InstanceFaults.build(self.fault_spec, instance_id, self.horizon_s, n_instances=len(self.instances))
 
     async def stop(self) -> None:
         self._stopping = True

@@ -65,7 +65,7 @@ class ModelRunner:
         compute_s = time.perf_counter() - start
         target_s = compute_s + self.spec.emulated_ms / 1e3
         if self.faults is not None:
-            target_s = self.faults.service_time_s(self.now_s(), target_s, self.seq)
+            target_s = self.faults.service_time_s(self.now_s(), target_s, self.seq, nbytes=len(payload) + out.nbytes)
         self.seq += 1
         remaining = target_s - (time.perf_counter() - start)
         if remaining > 0:

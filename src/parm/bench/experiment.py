@@ -13,7 +13,7 @@ emulated_ms = 5.0                   # emulated accelerator time per batch (a sle
 queries = 3000
 rate = 150                          # or rates = [100, 150, 200] to sweep
 warmup = 200
-trials = 1
+trials = 5                          # each trial its own fault realisation (default 5)
 seed = 0
 [faults]                            # parm.faults TOML: seed, [[faults.fault]] tables
 seed = 1
@@ -24,6 +24,7 @@ ks = [2, 3, 4]                      # needs [parities] with a checkpoint per k
 batch_sizes = [1, 2, 4]
 slow_rates_hz = [0.05, 0.1, 0.2]    # scales the background-load fault
 [simulate]                          # parm simulate: same file, simulated instances
+modes = ["equal", "coded", "hedge"] # optional: the modes to simulate (default: the file's)
 instances = 12
 queries = 100000
 rates = [150, 210, 270, 330, 390]
@@ -58,7 +59,7 @@ SECTION_KEYS = {
     "system": {"base", "parity", "parities", "cheap", "instances", "k", "batch_size", "emulated_ms", "batch_wait_ms",
                "group_wait_ms", "stall_timeout_ms", "deadline_ms", "data_root", "dispatch"},
     "load": {"rate", "rates", "queries", "warmup", "trials", "seed"},
-    "simulate": {"instances", "rate", "rates", "queries", "trials", "warmup", "service", "stall_timeout_ms",
+    "simulate": {"instances", "rate", "rates", "queries", "trials", "warmup", "service", "stall_timeout_ms", "modes",
                  "deadline_ms", "max_pending_queries", "dispatch", "restart_s"},
     "sweep": set(SWEEPS),
 }
@@ -99,6 +100,10 @@ class Experiment:
         if unknown:
             raise ConfigError(f"experiment {self.source}: unknown sweep {sorted(unknown)}; choose one of {SWEEPS}",
                               field="sweep", value=sorted(unknown))
+        bad = [m for m in self.simulate.get("modes", ()) if m not in MODES]
+        if bad:
+            raise ConfigError(f"experiment {self.source}: unknown mode(s) {bad} in [simulate] modes; choose from "
+                              f"{MODES}", field="simulate.modes", value=bad)
         if len(self.sweep) > 1:
             raise ConfigError(f"experiment {self.source}: sweep one knob at a time; got {sorted(self.sweep)}",
                               field="sweep", value=sorted(self.sweep))

@@ -57,16 +57,23 @@ class LatencyHistogram:
         self.sum_ms += other.sum_ms
         self.max_seen_ms = max(self.max_seen_ms, other.max_seen_ms)
 
-    def percentile(self, q: float) -> float:
-        """The q-th percentile (0..100): the midpoint of the bucket holding that rank."""
-        if self.total == 0:
+    def percentile(self, q: float, failed: int = 0) -> float:
+        """The q-th percentile (0..100): the midpoint of the bucket holding that rank, among the
+        recorded values and ``failed`` more values of +∞."""
+        n = self.total + failed
+        if n == 0:
             return float("nan")
-        rank = max(1, math.ceil(q / 100.0 * self.total))
+        rank = max(1, math.ceil(round(q / 100.0 * n, 9)))  # rounded: 0.999 * 1000 is 999
+        if rank > self.total:
+            return math.inf
         i = int(np.searchsorted(np.cumsum(self.counts), rank))
         low = self.min_ms * math.exp(i * self._log_base)
         return min(low * (1 + self.precision / 2), self.max_seen_ms)
 
-    def summary(self) -> dict[str, float]:
-        return {"p50_ms": self.percentile(50), "p90_ms": self.percentile(90), "p99_ms": self.percentile(99),
-                "p999_ms": self.percentile(99.9), "mean_ms": self.sum_ms / self.total if self.total else float("nan"),
+    def summary(self, failed: int = 0) -> dict[str, float]:
+        """Percentiles over the recorded values plus ``failed`` values of +∞ (nearest rank);
+        mean and max over the recorded values."""
+        return {**{name: self.percentile(q, failed) for name, q in
+                   (("p50_ms", 50), ("p90_ms", 90), ("p99_ms", 99), ("p999_ms", 99.9))},
+                "mean_ms": self.sum_ms / self.total if self.total else float("nan"),
                 "max_ms": self.max_seen_ms if self.total else float("nan")}

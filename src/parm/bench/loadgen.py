@@ -2,12 +2,15 @@
 
 The generator never waits for answers before sending the next query, and latency is measured
 from when a query was *scheduled* to be sent — so a stalled server cannot hide its own delay
-by slowing the sender down (no coordinated omission).
+by slowing the sender down (no coordinated omission). A run always ends on time: a query with
+neither an answer nor an error ``answer_timeout_s`` after the last scheduled send is recorded
+as ``lost`` (latency +∞), and whatever comes for it later is ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -36,8 +39,8 @@ class QueryResult:
     scheduled_s: float
     sent_s: float
     answered_s: float
-    source: str  # original / reconstructed / retried / approximate / error
-    outcome: str  # ok / error / rejected
+    source: str  # original / reconstructed / retried / approximate / error / lost
+    outcome: str  # ok / error / rejected / lost
     label: int | None
     instance: int | None
     error: str | None = None
@@ -53,8 +56,11 @@ class _Collector:
         self.clock = clock
         self.done = asyncio.Event()
         self.remaining = n
+        self.closed = False  # past the cutoff: late outcomes are ignored
 
     def finish(self, result: QueryResult) -> None:
+        if self.closed or self.results[result.index] is not None:
+            return
         self.results[result.index] = result
         self.remaining -= 1
         if self.remaining == 0:
@@ -73,12 +79,18 @@ class _Collector:
 
 
 async def run_open_loop(submit: Callable[[torch.Tensor], Any], queries: torch.Tensor, arrivals_s: np.ndarray, *,
-                        clock: Callable[[], float] = time.monotonic, timeout_s: float = 600.0,
+                        clock: Callable[[], float] = time.monotonic, answer_timeout_s: float = 60.0,
                         progress: Callable[[int], None] | None = None) -> list[QueryResult]:
-    """Send ``queries[i]`` at ``start + arrivals_s[i]`` via ``submit`` (-> future); wait for every answer."""
+    """Send ``queries[i]`` at ``start + arrivals_s[i]`` via ``submit`` (-> future). Returns one
+    record per query, in order; those still unanswered ``answer_timeout_s`` after the last
+    scheduled send are ``lost``."""
+    if not answer_timeout_s > 0:
+        raise ConfigError(f"answer_timeout_s must be > 0; got {answer_timeout_s}", field="answer_timeout_s",
+                          value=answer_timeout_s)
     n = len(arrivals_s)
     collector = _Collector(n, clock)
     start = clock() + 0.01
+    scheduled = start
     for i in range(n):
         scheduled = start + float(arrivals_s[i])
         delay = scheduled - clock()
@@ -93,5 +105,13 @@ async def run_open_loop(submit: Callable[[torch.Tensor], Any], queries: torch.Te
         future.add_done_callback(collector.callback(i, scheduled, sent))
         if progress is not None:
             progress(i)
-    await asyncio.wait_for(collector.done.wait(), timeout_s)
-    return [r for r in collector.results if r is not None]
+    cutoff = scheduled + answer_timeout_s
+    try:
+        await asyncio.wait_for(collector.done.wait(), max(0.0, cutoff - clock()))
+    except asyncio.TimeoutError:
+        pass
+    collector.closed = True
+    return [r if r is not None else
+            QueryResult(i, start + float(arrivals_s[i]), start + float(arrivals_s[i]), math.inf, "lost", "lost", None,
+                        None, f"no answer within answer_timeout_s={answer_timeout_s} of the last send")
+            for i, r in enumerate(collector.results)]

@@ -48,29 +48,50 @@ def plot_cdf(path: Path, title: str, *, latencies: dict[str, list[float]] | None
     plt.close(fig)
 
 
+def _series(points: list[dict[str, Any]], mode: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Values of ``key`` for ``mode`` across the sweep (NaN where missing or infinite) and their
+    error bars (2, n) from ``key_ci`` (zero where there is no finite interval)."""
+    values, bars = [], []
+    for p in points:
+        stats = p["modes"].get(mode, {})
+        v = stats.get(key)
+        v = np.nan if v is None or not np.isfinite(v) else float(v)
+        ci = stats.get(f"{key}_ci") or [None, None]
+        low = v - ci[0] if ci[0] is not None and np.isfinite(ci[0]) and np.isfinite(v) else 0.0
+        high = ci[1] - v if ci[1] is not None and np.isfinite(ci[1]) and np.isfinite(v) else 0.0
+        values.append(v)
+        bars.append((max(low, 0.0), max(high, 0.0)))
+    return np.asarray(values), np.asarray(bars).T.reshape(2, -1)
+
+
 def plot_sweep(out: Path, points: list[dict[str, Any]]) -> None:
-    """p99.9 and median per mode across the sweep, and coded's gap ratio against each baseline."""
+    """p99.9 and median per mode across the sweep, and coded's gap ratio against each baseline,
+    each with its 95% interval as error bars."""
     labels = [p["point"]["label"] for p in points]
+    x = np.arange(len(labels))
     modes = list(points[0]["modes"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for mode in modes:
-        line = ax.plot(labels, [p["modes"].get(mode, {}).get("p999_ms", np.nan) for p in points], marker="o",
-                       label=f"{mode} p99.9")[0]
-        ax.plot(labels, [p["modes"].get(mode, {}).get("p50_ms", np.nan) for p in points], marker=".", ls="--",
-                color=line.get_color(), label=f"{mode} p50")
-    ax.set(yscale="log", ylabel="latency (ms)", title="median and p99.9 across the sweep")
+        y, err = _series(points, mode, "p999_ms")
+        line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{mode} p99.9")[0]
+        y, err = _series(points, mode, "p50_ms")
+        ax.errorbar(x, y, yerr=err, marker=".", ls="--", capsize=2, color=line.get_color(), label=f"{mode} p50")
+    ax.set(yscale="log", ylabel="latency (ms)", title="median and p99.9 across the sweep (95% CI)")
+    ax.set_xticks(x, labels)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "sweep_latency.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for mode in modes:
-        if mode == "coded":
+        if mode == "coded" or "coded" not in points[0]["modes"]:
             continue
-        ax.plot(labels, [p["modes"].get("coded", {}).get(f"gap_ratio_vs_{mode}") or np.nan for p in points],
-                marker="o", label=f"vs {mode}")
+        y, err = _series([{"modes": {"c": p["modes"].get("coded", {})}} for p in points], "c",
+                         f"gap_ratio_vs_{mode}")
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"vs {mode}")
     ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set(ylabel="(p99.9 - p50) of baseline / of coded", title="ParM's tail gap advantage")
+    ax.set(ylabel="(p99.9 - p50) of baseline / of coded", title="ParM's tail gap advantage (95% CI)")
+    ax.set_xticks(x, labels)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "sweep_gap_ratio.png", dpi=110)

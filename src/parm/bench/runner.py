@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,6 +19,8 @@ from parm.errors import ConfigError
 from parm.system import SystemSpec, build_system
 
 log = logging.getLogger(__name__)
+
+GRACE_S = 5.0  # a query still unanswered this long past its deadline is lost (the frontend failed to fail it)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ async def run_mode(system: SystemSpec, inputs: torch.Tensor, labels: torch.Tenso
     bar = tqdm(total=load.queries, desc=f"{system.serving.mode:9s}", disable=not progress, unit="q", leave=False)
     try:
         frontend.backend.set_time_origin(time.time())
-        results = await run_open_loop(frontend.submit, inputs, arrivals, progress=lambda i: bar.update(1))
+        results = await run_open_loop(frontend.submit, inputs, arrivals, progress=lambda i: bar.update(1),
+                                      answer_timeout_s=system.serving.deadline_ms / 1e3 + GRACE_S)
     finally:
         bar.close()
         await frontend.stop()
@@ -75,25 +79,31 @@ def run_modes(system: SystemSpec, modes: list[str], inputs: torch.Tensor, labels
 
 
 def gap_ratio(summaries: dict[str, dict[str, Any]], baseline: str, mode: str = "coded") -> float | None:
-    """(p99.9 − p50 of ``baseline``) / (p99.9 − p50 of ``mode``): how much smaller ParM's tail gap is."""
+    """(p99.9 − p50 of ``baseline``) / (p99.9 − p50 of ``mode``): how much smaller ParM's tail gap is.
+
+    None when a mode is missing or the ratio is undefined: ``mode``'s gap is not finite or not
+    > 0 (failed queries reach its p99.9), or the baseline's is not finite."""
     if baseline not in summaries or mode not in summaries:
         return None
     gap = lambda s: s["p999_ms"] - s["p50_ms"]  # noqa: E731
-    ours = gap(summaries[mode])
-    return float(gap(summaries[baseline]) / ours) if ours > 0 else float("inf")
+    ours, theirs = gap(summaries[mode]), gap(summaries[baseline])
+    if not (math.isfinite(ours) and ours > 0 and math.isfinite(theirs)):
+        return None
+    return float(theirs / ours)
 
 
 def format_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """One line per mode: instances, p50 / p99 / p99.9, reconstructed fraction, errors, accuracy."""
+    """One line per mode: instances, p50 / p99 / p99.9, reconstructed fraction, outcomes, accuracy."""
     head = f"{'mode':10s} {'inst':>4s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99.9 ms':>9s} {'recon':>6s} " \
-           f"{'errors':>6s} {'lost':>4s} {'accuracy':>8s}"
+           f"{'ok':>6s} {'err':>5s} {'rej':>5s} {'lost':>4s} {'accuracy':>8s}"
     lines = [head]
     for mode, s in summaries.items():
         acc = s.get("accuracy", float("nan"))
         lines.append(f"{mode:10s} {s['instances']:4d} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} {s['p999_ms']:9.2f} "
-                     f"{s['reconstructed_fraction']:6.3f} {s['errors']:6d} {s['lost']:4d} {acc:8.4f}")
-    ratio = gap_ratio(summaries, "equal")
-    if ratio is not None:
-        lines.append(f"coded vs equal: (p99.9 - p50) is {ratio:.2f}x smaller")
+                     f"{s['reconstructed_fraction']:6.3f} {s.get('ok', s.get('answered', 0)):6d} {s['errors']:5d} "
+                     f"{s.get('rejected', 0):5d} {s['lost']:4d} {acc:8.4f}")
+    if "coded" in summaries and "equal" in summaries:
+        ratio = gap_ratio(summaries, "equal")
+        lines.append("coded vs equal: (p99.9 - p50) is " + ("undefined (failed queries reach p99.9)" if ratio is None
+                                                            else f"{ratio:.2f}x smaller"))
     return "\n".join(lines)
-

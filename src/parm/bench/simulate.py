@@ -35,7 +35,9 @@ class ServiceModel:
 
     ``constant``: always ``median_ms``. ``lognormal``: median ``median_ms``, log-space sigma
     ``sigma``. ``empirical``: resampled from ``samples_ms`` (e.g. measured by ``parm bench``).
-    ``per_query_ms`` is added per query in the batch.
+    ``per_query_ms`` is added per query in the batch; ``overhead_ms`` is added to every query's
+    latency outside the instances. ``query_bytes`` / ``answer_bytes``: the size of one query and
+    one answer on the wire, which network faults (``shuffle``) turn into transfer delays.
     """
 
     kind: str = "lognormal"
@@ -44,6 +46,8 @@ class ServiceModel:
     samples_ms: tuple[float, ...] = ()
     per_query_ms: float = 0.0
     overhead_ms: float = 0.0
+    query_bytes: int = 0
+    answer_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "lognormal", "empirical"):
@@ -51,6 +55,9 @@ class ServiceModel:
                               field="service.kind", value=self.kind)
         if self.kind == "empirical" and not self.samples_ms:
             raise ConfigError("empirical service times need samples_ms", field="service.samples_ms", value=())
+        if self.query_bytes < 0 or self.answer_bytes < 0:
+            raise ConfigError(f"query_bytes and answer_bytes must be >= 0; got {self.query_bytes}, {self.answer_bytes}",
+                              field="service.query_bytes", value=self.query_bytes)
         if self.median_ms <= 0 or self.sigma < 0 or self.per_query_ms < 0 or self.overhead_ms < 0:
             raise ConfigError(f"service times must be positive; got median_ms={self.median_ms}, sigma={self.sigma}",
                               field="service.median_ms", value=self.median_ms)
@@ -106,8 +113,8 @@ class SimBackend(Backend):
         self.t0 = self._loop.time()
         self._sims = []
         for spec in self.instances:
-            faults = None if self.fault_spec is None else InstanceFaults.build(self.fault_spec, spec.instance_id,
-                                                                              self.horizon_s)
+            faults = None if self.fault_spec is None else InstanceFaults.build(
+                self.fault_spec, spec.instance_id, self.horizon_s, n_instances=len(self.instances))
             rng = np.random.default_rng([self.seed, spec.instance_id])
             self._sims.append(_SimInstance(spec, faults, self.service.sampler(rng)))
         self._schedule_crashes()
@@ -142,7 +149,8 @@ class SimBackend(Backend):
             return
         service = sim.draw(inputs.shape[0])
         if sim.faults is not None:
-            service = sim.faults.service_time_s(t_rel, service, sim.seq)
+            nbytes = inputs.shape[0] * (self.service.query_bytes + self.service.answer_bytes)
+            service = sim.faults.service_time_s(t_rel, service, sim.seq, nbytes=nbytes)
         sim.seq += 1
         sim.free_at = start + service
         sim.in_flight.add(work_id)
@@ -187,6 +195,8 @@ class SimBackend(Backend):
 
 @dataclass
 class SimResult:
+    """One simulated run: latencies of the answered queries, and every query's outcome."""
+
     histogram: LatencyHistogram
     sources: dict[str, int]
     queries: int
@@ -194,39 +204,57 @@ class SimResult:
     lost: int
     restarts: int
     virtual_s: float
+    rejected: int = 0
+
+    @property
+    def ok(self) -> int:
+        return self.queries - self.errors - self.rejected - self.lost
+
+    @property
+    def failed(self) -> int:
+        """Queries that count as +∞ in the percentiles (error, rejected or lost)."""
+        return self.errors + self.rejected + self.lost
 
     def summary(self) -> dict[str, Any]:
+        """Percentiles (nearest rank over the buckets, failed queries as +∞), counts and sources."""
         kept = max(self.queries, 1)
-        return {**self.histogram.summary(), "queries": self.queries, "errors": self.errors, "lost": self.lost,
-                "sources": self.sources, "reconstructed_fraction": self.sources.get("reconstructed", 0) / kept,
-                "restarts": self.restarts, "virtual_s": self.virtual_s}
+        return {**self.histogram.summary(failed=self.failed), "queries": self.queries, "ok": self.ok,
+                "errors": self.errors, "rejected": self.rejected, "lost": self.lost, "sources": self.sources,
+                "reconstructed_fraction": self.sources.get("reconstructed", 0) / kept, "restarts": self.restarts,
+                "virtual_s": self.virtual_s}
+
+
+GRACE_S = 5.0  # past its deadline plus this, a query with no outcome is lost and the run ends
 
 
 async def _drive(config: ServingConfig, backend: SimBackend, n: int, rate_qps: float, seed: int, warmup: int,
-                 histogram: LatencyHistogram, overhead_ms: float = 0.0) -> SimResult:
+                 histogram: LatencyHistogram, overhead_ms: float = 0.0,
+                 frontend_factory: Callable[..., Frontend] = Frontend) -> SimResult:
     loop = asyncio.get_running_loop()
-    frontend = Frontend(config, backend, clock=loop.time)  # the frontend's clock is the virtual one too
+    frontend = frontend_factory(config, backend, clock=loop.time)  # the frontend's clock is the virtual one too
     await frontend.start()
     frontend.backend.set_time_origin(0.0)
     rng = np.random.default_rng(seed)
     query = torch.zeros(*SIM_QUERY_SHAPE)
     sources: dict[str, int] = {}
-    state = {"answered": 0, "errors": 0}
+    state = {"outcomes": 0, "errors": 0, "rejected": 0, "closed": False}
     done = asyncio.Event()
     start = loop.time()
 
     def finished(index: int, scheduled: float, future: asyncio.Future) -> None:
-        state["answered"] += 1
+        if state["closed"]:
+            return  # past the cutoff: this query was already counted as lost
+        state["outcomes"] += 1
         if future.cancelled() or future.exception() is not None:
             state["errors"] += index >= warmup
         elif index >= warmup:
             histogram.record((loop.time() - scheduled) * 1e3 + overhead_ms)
             source = future.result().source.value
             sources[source] = sources.get(source, 0) + 1
-        if state["answered"] == n:
+        if state["outcomes"] == n:
             done.set()
 
-    next_t = start
+    next_t, scheduled = start, start
     for i in range(n):
         delay = next_t - loop.time()
         if delay > 0:
@@ -234,28 +262,39 @@ async def _drive(config: ServingConfig, backend: SimBackend, n: int, rate_qps: f
         scheduled, next_t = next_t, next_t + rng.exponential(1.0 / rate_qps)
         try:
             future = frontend.submit(query)
-        except ServingError:  # refused (overload): counted as an error, the schedule goes on
-            state["answered"] += 1
-            state["errors"] += i >= warmup
+        except ServingError:  # refused (overload): counted as rejected, the schedule goes on
+            state["outcomes"] += 1
+            state["rejected"] += i >= warmup
             continue
         future.add_done_callback(lambda f, i=i, t=scheduled: finished(i, t, f))
-    if state["answered"] < n:
-        await done.wait()
+    cutoff = scheduled + config.deadline_ms / 1e3 + GRACE_S
+    if state["outcomes"] < n:
+        try:
+            await asyncio.wait_for(done.wait(), max(0.0, cutoff - loop.time()))
+        except asyncio.TimeoutError:
+            pass
+    state["closed"] = True
     virtual_s = loop.time() - start
     await frontend.stop()
     kept = n - warmup
-    return SimResult(histogram, sources, kept, state["errors"], kept - sum(sources.values()) - state["errors"],
-                     frontend.backend.restarts, virtual_s)
+    lost = kept - sum(sources.values()) - state["errors"] - state["rejected"]
+    return SimResult(histogram, sources, kept, state["errors"], lost, frontend.backend.restarts, virtual_s,
+                     state["rejected"])
 
 
 def simulate(config: ServingConfig, roles: list[str], service: ServiceModel, *, queries: int, rate_qps: float,
              faults: FaultSpec | None = None, seed: int = 0, warmup: int = 0, restart_s: float = 1.0,
-             histogram: LatencyHistogram | None = None) -> SimResult:
-    """Run ``queries`` Poisson arrivals through the real frontend over simulated instances."""
+             histogram: LatencyHistogram | None = None, frontend_factory: Callable[..., Frontend] = Frontend
+             ) -> SimResult:
+    """Run ``queries`` Poisson arrivals through the real frontend over simulated instances.
+
+    The run ends when every query has an outcome or, at the latest, ``deadline_ms`` + GRACE_S
+    after the last arrival (virtual time); queries without an outcome by then are ``lost``.
+    ``frontend_factory`` builds the frontend (tests pass a deliberately broken one)."""
     if config.query_shape != SIM_QUERY_SHAPE:
         raise ConfigError(f"simulated queries have shape {SIM_QUERY_SHAPE}; build the ServingConfig with it",
                           field="query_shape", value=config.query_shape)
     backend = SimBackend(roles, service, faults=faults, seed=seed, restart_s=restart_s,
                          horizon_s=max(3600.0, 10 * queries / rate_qps))
     return run_virtual(_drive(config, backend, queries, rate_qps, seed, warmup, histogram or LatencyHistogram(),
-                              service.overhead_ms))
+                              service.overhead_ms, frontend_factory))

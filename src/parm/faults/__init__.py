@@ -4,8 +4,9 @@ A serving mode parses a :class:`FaultSpec` (CLI grammar via :func:`parse_fault_s
 :func:`load_fault_spec`), builds one :class:`InstanceFaults` per instance with
 :meth:`InstanceFaults.build`, and sends it to that instance's worker process, which asks it,
 before answering each batch, how long the batch takes and whether to crash or stall.
-Schedules depend only on (spec, seed, instance index, time since the run started), so every
-serving mode sees the same faults.
+Schedules depend only on (spec, seed, instance index, time since the run started) and, for
+``shuffle`` faults drawn among all instances, the run's instance count, so every serving mode
+sees the same faults. :meth:`FaultSpec.for_trial` gives each benchmark trial its own realisation.
 """
 
 from parm.faults.grammar import FAULT_SPEC_HELP, load_fault_spec, parse_fault_spec
@@ -17,6 +18,7 @@ from parm.faults.spec import (
     Fault,
     FaultSpec,
     RandomDelay,
+    Shuffle,
     SlowEpisodes,
     Stall,
     Straggler,
@@ -33,6 +35,7 @@ __all__ = [
     "FaultSpec",
     "InstanceFaults",
     "RandomDelay",
+    "Shuffle",
     "SlowEpisodes",
     "Stall",
     "Straggler",

@@ -35,6 +35,8 @@ faults separated by ';', each KIND:KEY=VALUE,KEY=VALUE (instance lists use '|');
   delay:mean_ms=M[,dist=exp|const|uniform,prob=P,instances=..]  random extra delay per batch
   crash:instance=I,at_s=T                                the instance's process exits at T
   stall:instance=I,at_s=T[,duration_s=D]                 alive but silent from T (for D s; default forever)
+  shuffle:concurrent=C,duration_s=D,link_mbps=L[,instances=0|1|2]  C network shuffles at a time, each D s
+                                                         between a random pair; transfers share the L Mb/s link
 example: 'crash:instance=1,at_s=5;slow:rate_hz=0.5,duration_s=1,factor=20;seed=7'"""
 
 

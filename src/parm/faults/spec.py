@@ -12,9 +12,19 @@ kind          keys                                                          effe
 ``delay``     ``mean_ms[, dist=exp, prob=1, instances]``                    random extra delay per batch
 ``crash``     ``instance, at_s``                                            the process exits at ``at_s``
 ``stall``     ``instance, at_s[, duration_s=forever]``                      alive but silent
+``shuffle``   ``concurrent, duration_s, link_mbps[, instances]``            network background load
 ============  ===========================================================  ====================
 
-Instance indices are positions in the serving mode's instance list (data instances first).
+An instance index names a *slot*: slots 0..m−1 are the m data instances every mode has; slots
+m.. are the mode's extra instances (equal/hedge: extra data instances; coded: parity; cheap: the
+backup model; replicate: the second m data instances). A slot's realisation depends only on
+(seed, slot), so the same slot sees the same episodes in every mode; with a dispatcher that
+treats instances of one role alike, which slot an all-instance fault hits does not favour a mode.
+A ``shuffle`` draws its pairs once for all slots (the same draw whichever slot asks); without
+``instances`` it draws among every instance of the run, so its realisation also depends on how
+many instances the mode runs: name ``instances`` to give modes of different sizes the same draw.
+
+:meth:`FaultSpec.for_trial` derives one independent realisation per benchmark trial.
 :func:`fault_spec_from_dict` builds a spec from plain data (the shape :meth:`FaultSpec.to_json`
 writes, or a TOML document with ``[[fault]]`` tables); values may be native or strings.
 """
@@ -23,8 +33,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any, ClassVar, Union
+
+import numpy as np
 
 from parm.errors import ConfigError
 
@@ -236,9 +248,41 @@ class Stall(_Fault):
         return math.inf if self.duration_s is None else self.at_s + self.duration_s
 
 
-Fault = Union[SlowEpisodes, Straggler, RandomDelay, Crash, Stall]
+@dataclass(frozen=True)
+class Shuffle(_Fault):
+    """Network-intensive background load (the ParM paper's: shuffles between instances).
+
+    ``concurrent`` shuffles run at any moment; each lasts ``duration_s`` and moves data between
+    a uniformly random pair of distinct instances drawn from ``instances`` (None: every instance
+    of the run). A transfer to or from an instance that is in s shuffles shares its link of
+    ``link_mbps`` megabits/s fairly with them, so it gets 1/(s+1) of the bandwidth."""
+
+    KIND: ClassVar[str] = "shuffle"
+    KEY_TYPES: ClassVar[dict[str, str]] = {
+        "concurrent": _INT, "duration_s": _FLOAT, "link_mbps": _FLOAT, "instances": _INSTANCES,
+    }
+
+    concurrent: int
+    duration_s: float
+    link_mbps: float
+    instances: tuple[int, ...] | None = None  # None: every instance of the run
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concurrent, bool) or not isinstance(self.concurrent, int) or self.concurrent < 1:
+            raise _fail("shuffle", "concurrent", self.concurrent, "an integer >= 1")
+        duration = _finite_at_least("shuffle", "duration_s", self.duration_s, 0, strict=True)
+        object.__setattr__(self, "duration_s", duration)
+        object.__setattr__(self, "link_mbps", _finite_at_least("shuffle", "link_mbps", self.link_mbps, 0, strict=True))
+        instances = _instances("shuffle", self.instances)
+        if instances is not None and len(instances) < 2:
+            rule = "a list of at least 2 instance indices (a shuffle needs a pair)"
+            raise _fail("shuffle", "instances", self.instances, rule)
+        object.__setattr__(self, "instances", instances)
+
+
+Fault = Union[SlowEpisodes, Straggler, RandomDelay, Crash, Stall, Shuffle]
 FAULT_KINDS: dict[str, type] = {
-    cls.KIND: cls for cls in (SlowEpisodes, Straggler, RandomDelay, Crash, Stall)
+    cls.KIND: cls for cls in (SlowEpisodes, Straggler, RandomDelay, Crash, Stall, Shuffle)
 }
 
 
@@ -256,7 +300,8 @@ def _check_seed(seed: Any, label: str = "fault spec") -> int:
 @dataclass(frozen=True)
 class FaultSpec:
     """A seed and the faults to inject. Schedules built from it depend only on
-    (this spec, the instance index, time since the run started)."""
+    (this spec, the instance index, time since the run started) and, for a ``shuffle`` without
+    ``instances``, the run's instance count."""
 
     faults: tuple[Fault, ...] = ()
     seed: int = 0
@@ -266,7 +311,7 @@ class FaultSpec:
         for fault in faults:
             if not isinstance(fault, tuple(FAULT_KINDS.values())):
                 raise ConfigError(
-                    f"faults must be SlowEpisodes/Straggler/RandomDelay/Crash/Stall; got {fault!r}",
+                    f"faults must be SlowEpisodes/Straggler/RandomDelay/Crash/Stall/Shuffle; got {fault!r}",
                     field="faults", value=fault,
                 )
         object.__setattr__(self, "faults", faults)
@@ -281,6 +326,16 @@ class FaultSpec:
     def empty(self) -> bool:
         """True when there is nothing to inject."""
         return not self.faults
+
+    def for_trial(self, trial: int) -> FaultSpec:
+        """The same faults with a seed derived from (seed, ``trial``): one fault realisation
+        per benchmark trial. Every mode of one trial uses ``for_trial(trial)``, so the modes see
+        the same realisation and different trials see independent ones. Deterministic; the
+        derived seed is in [0, 2**63) and differs from ``self.seed`` (with overwhelming odds)."""
+        if isinstance(trial, bool) or not isinstance(trial, (int, np.integer)) or trial < 0:
+            raise ConfigError(f"trial must be an integer >= 0; got trial={trial!r}", field="trial", value=trial)
+        state = np.random.SeedSequence([self.seed, int(trial)]).generate_state(2, np.uint64)  # (2,)
+        return replace(self, seed=int(state[0] >> np.uint64(1)))
 
     def for_instance(self, instance: int) -> tuple[tuple[int, Fault], ...]:
         """``(position, fault)`` for the faults acting on ``instance``; position indexes ``faults``."""

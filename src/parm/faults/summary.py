@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from parm.errors import ConfigError
-from parm.faults.schedule import InstanceFaults
-from parm.faults.spec import FaultSpec, RandomDelay, SlowEpisodes, Straggler
+from parm.faults.schedule import InstanceFaults, _shuffle_candidates
+from parm.faults.spec import FaultSpec, RandomDelay, Shuffle, SlowEpisodes, Straggler
 
 _GRID = 4096  # midpoints used to average the expected slowdown over [0, horizon_s)
 
@@ -55,6 +55,38 @@ def _realised(schedule: InstanceFaults) -> dict[str, float]:
     }
 
 
+def _expected_shuffle(spec: FaultSpec, instance: int, n_instances: int) -> dict[str, float]:
+    """Expected shuffle figures at any t in [0, horizon_s) (slots run back to back from 0).
+
+    A shuffle touches an instance among n candidates with probability 2/n, so with c concurrent
+    shuffles P(in none) = (1 − 2/n)^c and the mean count is 2c/n; faults are independent. A
+    megabyte (1e6 bytes) in s shuffles of a link of L Mb/s takes 8·s/L extra seconds.
+    """
+    p_none, extra_ms = 1.0, 0.0
+    for fault in spec.faults:
+        if isinstance(fault, Shuffle):
+            candidates = _shuffle_candidates(fault, n_instances)
+            if instance in candidates:
+                p_touch = 2.0 / len(candidates)
+                p_none *= (1.0 - p_touch) ** fault.concurrent
+                extra_ms += 8e3 * p_touch * fault.concurrent / fault.link_mbps
+    return {"shuffled_fraction_expected": 1.0 - p_none, "transfer_ms_per_mb_expected": extra_ms}
+
+
+def _realised_shuffle(schedule: InstanceFaults) -> dict[str, Any]:
+    horizon_s = schedule.horizon_s
+    runs = [(s, e) for s, e, _ in schedule.shuffles()]
+    extra_ms = sum(
+        8e3 * count * (min(end_s, horizon_s) - start_s) / timeline.link_mbps
+        for timeline in schedule.shuffle for start_s, end_s, count in timeline.runs() if start_s < horizon_s
+    )
+    return {
+        "shuffled_fraction": _union_length_s(runs, horizon_s) / horizon_s,
+        "transfer_ms_per_mb": extra_ms / horizon_s,
+        "shuffles": sum(t.raw_count for t in schedule.shuffle),
+    }
+
+
 def _delay_figures(spec: FaultSpec, instance: int) -> dict[str, float]:
     delays = [f for _, f in spec.for_instance(instance) if isinstance(f, RandomDelay)]
     return {
@@ -63,8 +95,8 @@ def _delay_figures(spec: FaultSpec, instance: int) -> dict[str, float]:
     }
 
 
-def _instance_summary(spec: FaultSpec, instance: int, horizon_s: float) -> dict[str, Any]:
-    schedule = InstanceFaults.build(spec, instance, horizon_s)
+def _instance_summary(spec: FaultSpec, instance: int, horizon_s: float, n_instances: int) -> dict[str, Any]:
+    schedule = InstanceFaults.build(spec, instance, horizon_s, n_instances)
     expected_fraction, expected_mean = _expected_slowdown(spec, instance, horizon_s)
     return {
         "instance": instance,
@@ -73,30 +105,42 @@ def _instance_summary(spec: FaultSpec, instance: int, horizon_s: float) -> dict[
         **_realised(schedule),
         "slow_episodes": sum(t.raw_count for t in schedule.slow),
         **_delay_figures(spec, instance),
+        **_expected_shuffle(spec, instance, n_instances),
+        **_realised_shuffle(schedule),
         "crash_at_s": schedule.crash_at_s,
         "stall_windows": [list(w) for w in schedule.stalls],
     }
 
 
-def summarize(spec: FaultSpec, instances: int, horizon_s: float) -> dict[str, Any]:
-    """What ``spec`` injects into a run of ``instances`` instances over ``horizon_s`` seconds.
+def summarize(spec: FaultSpec, instances: int, horizon_s: float, n_instances: int | None = None) -> dict[str, Any]:
+    """What ``spec`` injects into the first ``instances`` instances of a run over ``horizon_s``
+    seconds; ``n_instances`` is the run's instance count, among which ``shuffle`` pairs are
+    drawn (default: ``instances``).
 
     Per instance: expected fraction of time slowed and expected mean slowdown (from the
     rates), the realised slowed/stalled fractions and episode count of this seed's schedule,
-    the probability a batch is delayed and the mean extra delay per batch (ms), the crash time
-    and the stall windows. ``out_of_range`` lists faults naming instances the run lacks.
+    the probability a batch is delayed and the mean extra delay per batch (ms), the expected
+    and realised fraction of time in >= 1 shuffle and extra transfer time per megabyte (ms),
+    the number of shuffles touching it, the crash time and the stall windows.
+    ``out_of_range`` lists faults naming instances the run lacks.
     """
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
         raise ConfigError(
             f"instances must be an integer >= 1; got instances={instances!r}", field="instances", value=instances
+        )
+    n_instances = instances if n_instances is None else n_instances
+    if isinstance(n_instances, bool) or not isinstance(n_instances, int) or n_instances < instances:
+        raise ConfigError(
+            f"n_instances must be an integer >= instances={instances}; got n_instances={n_instances!r}",
+            field="n_instances", value=n_instances,
         )
     return {
         "seed": spec.seed,
         "horizon_s": float(horizon_s),
         "instances": instances,
         "faults": [f.to_text() for f in spec.faults],
-        "out_of_range": [f.to_text() for f in spec.out_of_range(instances)],
-        "per_instance": [_instance_summary(spec, i, horizon_s) for i in range(instances)],
+        "out_of_range": [f.to_text() for f in spec.out_of_range(n_instances)],
+        "per_instance": [_instance_summary(spec, i, horizon_s, n_instances) for i in range(instances)],
     }
 
 
@@ -107,12 +151,21 @@ def format_summary(summary: dict[str, Any]) -> str:
     head = f"faults (seed={summary['seed']}, horizon {summary['horizon_s']:g} s): "
     lines = [head + "; ".join(summary["faults"])]
     lines += [f"  ignored (no such instance): {text}" for text in summary["out_of_range"]]
-    for row in summary["per_instance"]:
-        lines.append(
-            f"  instance {row['instance']}: slowed {row['slowed_fraction']:.1%} "
-            f"(expected {row['slowed_fraction_expected']:.1%}, "
-            f"mean slowdown {row['mean_slowdown_expected']:.2f}x), "
-            f"delay p={row['delay_prob']:.2f} mean {row['delay_mean_ms']:.2f} ms/batch, "
-            f"crash_at_s={row['crash_at_s']}, stalls={row['stall_windows']}"
-        )
+    lines += [_format_row(row) for row in summary["per_instance"]]
     return "\n".join(lines)
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    shuffled = ""
+    if row.get("shuffled_fraction_expected") or row.get("shuffles"):
+        shuffled = (
+            f"in shuffles {row['shuffled_fraction']:.1%} (expected {row['shuffled_fraction_expected']:.1%}), "
+            f"transfers +{row['transfer_ms_per_mb']:.1f} ms/MB (expected {row['transfer_ms_per_mb_expected']:.1f}), "
+        )
+    return (
+        f"  instance {row['instance']}: slowed {row['slowed_fraction']:.1%} "
+        f"(expected {row['slowed_fraction_expected']:.1%}, "
+        f"mean slowdown {row['mean_slowdown_expected']:.2f}x), "
+        f"delay p={row['delay_prob']:.2f} mean {row['delay_mean_ms']:.2f} ms/batch, {shuffled}"
+        f"crash_at_s={row['crash_at_s']}, stalls={row['stall_windows']}"
+    )

@@ -3,14 +3,22 @@
 Work waits in the frontend, not in the instances: each instance holds at most
 ``max_in_flight`` batches, so a batch that is reconstructed while still queued can simply be
 dropped before it is ever sent. With the default *shared* dispatch, all instances of a role
-pull from one queue as they free up (a slow instance takes less work). With *round_robin*,
-each batch is assigned to the next instance of its role and waits for that one.
+pull from one queue as they free up (a slow instance takes less work). With *round_robin*
+(the paper's dispatch), each batch is assigned to the next instance of its role and waits in
+that instance's own queue.
 
-Idle instances are offered work before partly busy ones, each group in the order the instances
-became free (the longest idle first), which spreads load evenly. Picking from the shared queue, an instance never takes a second copy of a batch it already
-holds (hedged or replicated copies go elsewhere), skips batches that must avoid it (a re-send
-after it failed), and prefers a batch whose coding group has no other member on it, so that
-one slow or dead instance rarely holds two members of a group.
+Order (shared dispatch): an idle instance is always offered work before a busy one, and among
+idle instances the one idle longest goes first; among busy instances, those holding fewer
+batches go first (then the one that reached that count earliest). Each instance takes one
+batch per turn, so two queued batches and two idle instances give each instance one batch,
+never both to the same one. Picking from the shared queue, an instance never takes a second
+copy of a batch it already holds (hedged or replicated copies go elsewhere), skips batches
+that must avoid it (a re-send after it failed), and prefers a batch whose coding group has no
+other member on it, so that one slow or dead instance rarely holds two members of a group.
+
+Round robin never strands work: the queue of an instance that is down moves to live instances
+of its role, and a queued re-send that must avoid its instance moves to another healthy one as
+soon as one exists.
 """
 
 from __future__ import annotations
@@ -24,8 +32,7 @@ import torch
 
 from parm.backends.base import Backend
 
-SCAN_LIMIT = 32
-_ROLE_OF_KIND = {"data": "data", "parity": "parity", "cheap": "cheap"}  # queued items an idle instance looks at before settling for a fallback
+SCAN_LIMIT = 32  # queued items an instance looks at before settling for a fallback
 
 
 @dataclass(eq=False)
@@ -58,9 +65,12 @@ class InstanceState:
 class Dispatcher:
     """Queues and in-flight bookkeeping; sends through the backend (see module docstring).
 
-    Costs do not grow with the number of instances: instances with a free slot are kept in a
-    set per role, in-flight and queued work is indexed by (kind, key), and cancelling a queued
-    copy only marks it (it is dropped when it reaches the head of the queue).
+    Costs do not grow with the number of instances: instances are kept per role in one ordered
+    set per in-flight count (``_levels[role][c]``: the instances holding c batches, in the order
+    they reached c, so ``_levels[role][0]`` is the idle ones, longest idle first), in-flight and
+    queued work is indexed by (kind, key), and cancelling a queued copy only marks it (it is
+    dropped when it reaches the head of the queue). ``on_send`` (if set) is called with every
+    work as it is sent.
     """
 
     def __init__(self, backend: Backend, max_in_flight: int, dispatch: str, clock: Callable[[], float],
@@ -70,16 +80,17 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self.round_robin = dispatch == "round_robin"
         self.clock = clock
+        self.on_send: Callable[[Work], None] | None = None
         self.instances = {s.instance_id: InstanceState(s.instance_id, s.role) for s in backend.instances}
         roles = sorted({s.role for s in backend.instances})
+        self._of_role = {role: [s.instance_id for s in backend.instances if s.role == role] for role in roles}
         self._queues: dict[str, deque[Work]] = {role: deque() for role in roles}
         self._own: dict[int, deque[Work]] = {i: deque() for i in self.instances}  # round robin: one queue each
-        self._free: dict[str, dict[int, None]] = {role: {s.instance_id: None for s in backend.instances
-                                                          if s.role == role} for role in roles}
+        self._levels: dict[str, list[dict[int, None]]] = {
+            role: [dict.fromkeys(ids)] + [{} for _ in range(max_in_flight - 1)] for role, ids in self._of_role.items()}
         self._by_key: dict[tuple[str, int], list[Work]] = {}
         self._live: dict[str, int] = {role: 0 for role in roles}  # queued and not cancelled
-        self._rr = {role: itertools.cycle([s.instance_id for s in backend.instances if s.role == role])
-                    for role in roles}
+        self._rr = {role: itertools.cycle(ids) for role, ids in self._of_role.items()}
         self._ids = itertools.count()
 
     def new_id(self) -> int:
@@ -87,6 +98,10 @@ class Dispatcher:
 
     def has_role(self, role: str) -> bool:
         return role in self._queues
+
+    def idle_order(self, role: str) -> list[int]:
+        """Idle instances of ``role``, the one idle longest first (the next batch goes to it)."""
+        return [i for i in self._levels[role][0] if self.backend.healthy(i)]
 
     def submit(self, work: Work, *, front: bool = False) -> None:
         if self.round_robin and work.target is None:
@@ -97,44 +112,68 @@ class Dispatcher:
         self._live[work.role] += 1
         self.pump(work.role)
 
-    def _next_target(self, work: Work) -> int:
-        ids = [i for i, s in self.instances.items() if s.role == work.role]
+    def _next_target(self, work: Work, *, exclude: int | None = None) -> int:
+        """The next instance of the cycle that is healthy and not avoided (else any healthy one,
+        else simply the next one: it is re-homed when an instance comes back)."""
+        ids = self._of_role[work.role]
+        fallback = None
         for _ in ids:
             candidate = next(self._rr[work.role])
-            if candidate not in work.avoid and self.backend.healthy(candidate):
+            if candidate == exclude or not self.backend.healthy(candidate):
+                continue
+            if candidate not in work.avoid:
                 return candidate
-        return next(self._rr[work.role])
+            fallback = candidate if fallback is None else fallback
+        return fallback if fallback is not None else next(self._rr[work.role])
 
     def pump(self, role: str) -> None:
-        """Send queued work of ``role`` to every healthy instance with a free slot."""
+        """Send queued work of ``role`` to healthy instances with a free slot (see module docstring)."""
         if self.round_robin:
             self._pump_own(role)
             return
         queue = self._queues.get(role)
         if not queue:
             return
-        # idle instances before partly busy ones; first only work whose group is not on the instance yet
-        for spread_groups, idle_only in ((True, True), (True, False), (False, False)):
-            for instance_id in list(self._free[role]):  # longest idle first; stops when the queue is empty
-                if not queue:
-                    return
-                state = self.instances[instance_id]
-                if (idle_only and state.in_flight) or not self.backend.healthy(instance_id):
-                    continue
-                self._fill(queue, state, spread_groups)
+        levels = self._levels[role]
+        for spread_groups in (True, False):  # first only work whose group is not on the instance yet
+            for level in levels:  # idle instances first, then the least busy
+                for instance_id in list(level):  # in the order they reached this level
+                    if not queue:
+                        return
+                    if instance_id in level and self.backend.healthy(instance_id):
+                        work = self._pick(queue, self.instances[instance_id], spread_groups)
+                        if work is not None:
+                            self._send(self.instances[instance_id], work)
 
     def _pump_own(self, role: str) -> None:
-        for instance_id in list(self._free.get(role, ())):
+        for instance_id in self._of_role.get(role, ()):
+            self._rehome(instance_id)
+        for instance_id in self._of_role.get(role, ()):
             queue = self._own[instance_id]
-            if queue and self.backend.healthy(instance_id):
-                self._fill(queue, self.instances[instance_id], spread_groups=False)
+            state = self.instances[instance_id]
+            while queue and len(state.in_flight) < self.max_in_flight and self.backend.healthy(instance_id):
+                work = self._pick(queue, state, spread_groups=False)
+                if work is None:
+                    break
+                self._send(state, work)
 
-    def _fill(self, queue: deque[Work], state: InstanceState, spread_groups: bool) -> None:
-        while queue and len(state.in_flight) < self.max_in_flight:
-            work = self._pick(queue, state, spread_groups)
-            if work is None:
-                return
-            self._send(state, work)
+    def _rehome(self, instance_id: int) -> None:
+        """Round robin: move work that cannot run on ``instance_id`` to another instance —
+        all of it while the instance is down, and re-sends that must avoid it while another
+        healthy instance exists."""
+        queue = self._own[instance_id]
+        if not queue:
+            return
+        down = not self.backend.healthy(instance_id)
+        movable = list(queue) if down else [w for w in itertools.islice(queue, SCAN_LIMIT)
+                                            if not w.cancelled and self._avoids(w, self.instances[instance_id])]
+        for work in movable:
+            target = self._next_target(work, exclude=instance_id)
+            if target == instance_id or not self.backend.healthy(target):
+                continue  # nowhere better to go yet
+            queue.remove(work)
+            work.target = target
+            self._own[target].append(work)
 
     def _pick(self, queue: deque[Work], state: InstanceState, spread_groups: bool) -> Work | None:
         while queue and queue[0].cancelled:  # lazily drop cancelled copies at the head
@@ -156,18 +195,30 @@ class Dispatcher:
         """``avoid`` is a preference: an avoided instance is used when no other healthy one exists."""
         if state.instance_id not in work.avoid:
             return False
-        return any(s.role == state.role and s.instance_id not in work.avoid and self.backend.healthy(s.instance_id)
-                   for s in self.instances.values())
+        return any(i not in work.avoid and self.backend.healthy(i) for i in self._of_role[state.role])
+
+    def _move(self, state: InstanceState, before: int) -> None:
+        """Keep ``_levels`` in step with the instance's in-flight count (it was ``before``)."""
+        after = len(state.in_flight)
+        if after == before:
+            return
+        levels = self._levels[state.role]
+        if before < self.max_in_flight:
+            levels[before].pop(state.instance_id, None)
+        if after < self.max_in_flight:
+            levels[after][state.instance_id] = None  # joins the end: longest at this level first
 
     def _send(self, state: InstanceState, work: Work) -> None:
         work.instance, work.sent_s = state.instance_id, self.clock()
         if not state.in_flight and (state.cancel_acked_s is None
                                     or work.sent_s - state.cancel_acked_s > self.stall_timeout_s):
             state.last_progress_s, state.cancel_acked_s = work.sent_s, None  # it was idle: a fresh start
+        before = len(state.in_flight)
         state.in_flight[work.work_id] = work
-        if len(state.in_flight) >= self.max_in_flight:
-            self._free[state.role].pop(state.instance_id, None)
+        self._move(state, before)
         self.backend.send(state.instance_id, work.work_id, work.inputs)
+        if self.on_send is not None:
+            self.on_send(work)
 
     def _forget(self, work: Work) -> None:
         works = self._by_key.get((work.kind, work.key))
@@ -177,11 +228,6 @@ class Dispatcher:
             if not works:
                 del self._by_key[(work.kind, work.key)]
 
-    def _freed(self, state: InstanceState) -> None:
-        free = self._free[state.role]
-        if len(state.in_flight) < self.max_in_flight and state.instance_id not in free:
-            free[state.instance_id] = None  # joins the end: instances idle longest are offered work first
-
     def take(self, instance_id: int, work_id: int, *, failed: bool = False) -> Work | None:
         """The in-flight work an instance just answered (None if unknown). ``failed``: it came
         back without an output. A cancelled batch that comes back that way (a backend that
@@ -189,23 +235,26 @@ class Dispatcher:
         instance's silence, so an instance whose batches are all reconstructed and cancelled
         while it stalls is still found stalled."""
         state = self.instances.get(instance_id)
-        work = None if state is None else state.in_flight.pop(work_id, None)
-        if work is not None:
-            if work.cancelled and failed:
-                state.cancel_acked_s = self.clock()
-            else:
-                state.last_progress_s, state.cancel_acked_s = self.clock(), None
-            self._forget(work)
-            self._freed(state)
+        if state is None or work_id not in state.in_flight:
+            return None
+        before = len(state.in_flight)
+        work = state.in_flight.pop(work_id)
+        if work.cancelled and failed:
+            state.cancel_acked_s = self.clock()
+        else:
+            state.last_progress_s, state.cancel_acked_s = self.clock(), None
+        self._forget(work)
+        self._move(state, before)
         return work
 
     def drain(self, instance_id: int) -> list[Work]:
         """Everything in flight on a failed instance (it holds nothing afterwards)."""
         state = self.instances[instance_id]
+        before = len(state.in_flight)
         works, state.in_flight = list(state.in_flight.values()), {}
         for work in works:
             self._forget(work)
-        self._freed(state)
+        self._move(state, before)
         return works
 
     def cancel(self, kind: str, key: int, *, abort_sent: bool = True) -> int:
@@ -226,6 +275,12 @@ class Dispatcher:
     def holders(self, kind: str, key: int) -> set[int]:
         return {w.instance for w in self._by_key.get((kind, key), ())
                 if w.instance is not None and not w.cancelled}
+
+    def in_service(self, work: Work) -> bool:
+        """Whether ``work`` was sent and is still held by its instance (not answered, failed or cancelled)."""
+        if work.instance is None or work.cancelled:
+            return False
+        return work.work_id in self.instances[work.instance].in_flight
 
     def stalled(self, now_s: float, timeout_s: float) -> list[int]:
         """Instances holding work that have been silent for more than ``timeout_s``: no answer

@@ -82,6 +82,7 @@ class Frontend:
         self.tracker = GroupTracker(self.code, clock) if config.mode == "coded" else None
         self.dispatcher = Dispatcher(backend, config.max_in_flight, config.dispatch, clock,
                                      config.stall_timeout_ms / 1e3)
+        self.dispatcher.on_send = self._on_send
         self._pending: list[tuple[torch.Tensor, asyncio.Future, float]] = []
         self._batch_timer: asyncio.TimerHandle | None = None
         self._group_timer: asyncio.TimerHandle | None = None
@@ -223,8 +224,6 @@ class Frontend:
             self._queue_data(batch, group=group)
         if mode == "cheap":
             self.dispatcher.submit(Work(self.dispatcher.new_id(), "cheap", batch.batch_id, "cheap", batch.inputs))
-        if mode in ("hedge", "cheap"):
-            batch.timers.append(self._loop.call_later(self._hedge_delay_s(), self._on_late, batch.batch_id))
         if self.tracker is not None:
             if full:
                 self._encode_group(group)
@@ -348,7 +347,6 @@ class Frontend:
         batch = self._batches.get(batch_id)
         if batch is None or batch.answered:
             return
-        self.metrics.resends.inc()
         group = self.tracker.group_of(batch_id) if self.tracker is not None else None
         self._queue_data(batch, group=group, retry=True, avoid=avoid, front=True)
 
@@ -394,13 +392,28 @@ class Frontend:
             return max(self.config.hedge_min_ms, HEDGE_START_MS) / 1e3
         return max(self.config.hedge_min_ms, float(np.percentile(self._service_ms, self.config.hedge_percentile))) / 1e3
 
-    def _on_late(self, batch_id: int) -> None:
+    def _on_send(self, work: Work) -> None:
+        """A batch went to an instance. Re-sends are counted here, when they really leave; in
+        hedge and cheap modes the original's lateness is timed from this moment, the same clock
+        as the service times its percentile comes from."""
+        if work.kind != "data":
+            return
+        if work.retry:
+            self.metrics.resends.inc()
+        elif self.config.mode in ("hedge", "cheap"):
+            batch = self._batches.get(work.key)
+            if batch is not None and not batch.answered:
+                batch.timers.append(self._loop.call_later(self._hedge_delay_s(), self._on_late, batch.batch_id, work))
+
+    def _on_late(self, batch_id: int, work: Work) -> None:
+        """``work``, the batch's original, has been in service past the hedge deadline."""
         batch = self._batches.get(batch_id)
         if batch is None or batch.answered:
             return
         batch.late = True
         if self.config.mode == "hedge":
-            self._resend(batch_id, avoid=frozenset(self.dispatcher.holders("data", batch_id)))
+            if self.dispatcher.in_service(work):  # hedge only work still running, on another instance
+                self._resend(batch_id, avoid=frozenset(self.dispatcher.holders("data", batch_id)))
         elif batch.approx is not None:
             self._answer(batch, batch.approx, Source.APPROXIMATE, None)
             self.dispatcher.cancel("data", batch_id)
