@@ -61,7 +61,7 @@ def real(mode: str, queries: int, rate: float, trials: int) -> dict[str, float]:
     hist = LatencyHistogram()
     for trial in range(trials):
         spec = SystemSpec(base="toy", parity="toy", instances=2, emulated_ms=EMULATED_MS,
-                          faults=parse_fault_spec(FAULTS), serving=ServingConfig(SHAPE, mode=mode, k=2))
+                          faults=parse_fault_spec(FAULTS).for_trial(trial), serving=ServingConfig(SHAPE, mode=mode, k=2))
         records: list = []
         asyncio.run(run_mode(spec, torch.randn(256, *SHAPE), None, LoadSpec(queries, rate, trial, 200),
                              backend_factory=_backend, records=records))
@@ -73,7 +73,7 @@ def simulated(mode: str, service: ServiceModel, queries: int, rate: float, trial
     hist = LatencyHistogram()
     for trial in range(trials):
         simulate(ServingConfig(SIM_QUERY_SHAPE, mode=mode, k=2), instance_roles(mode, 2, 2), service,
-                 queries=queries, rate_qps=rate, faults=parse_fault_spec(FAULTS), seed=trial, warmup=200,
+                 queries=queries, rate_qps=rate, faults=parse_fault_spec(FAULTS).for_trial(trial), seed=trial, warmup=200,
                  histogram=hist)
     return hist.summary()
 
@@ -92,7 +92,8 @@ def main() -> None:
     service = ServiceModel(kind="empirical", samples_ms=tuple(samples), overhead_ms=overhead_ms)
     print(f"measured service time: median {np.median(samples):.2f} ms, p99 {np.percentile(samples, 99):.2f} ms "
           f"({len(samples)} batches); per-query time outside the instances: {overhead_ms:.2f} ms")
-    print(f"m=2, k=2, {args.queries} queries at {args.rate:g}/s x {args.trials} trials, faults {FAULTS}")
+    print(f"m=2, k=2, {args.queries} queries at {args.rate:g}/s x {args.trials} trials (trial t: faults "
+          f"{FAULTS} re-seeded by FaultSpec.for_trial(t), the same realisation real and simulated)")
     print(f"{'mode':6s} {'':5s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99.9 ms':>9s}")
     for mode in ("equal", "coded"):
         started = time.monotonic()

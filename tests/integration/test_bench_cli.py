@@ -156,3 +156,24 @@ def test_missing_experiment_file_exits_2(tmp_path: Path) -> None:
     proc = _parm(["simulate", str(missing)], {}, timeout_s=60)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and str(missing) in proc.stderr
+
+
+def test_demo_prints_every_mode_with_intervals_over_trials(tiny_checkpoints: tuple[Path, Path], data_root: Path,
+                                                           tmp_path: Path) -> None:
+    """The README's main command ends with `parm demo`: real processes, trials with their own
+    fault realisations, a table with intervals, and strict JSON (no Infinity)."""
+    base, parity = tiny_checkpoints
+    out = tmp_path / "demo.json"
+    proc = _parm(["demo", "--base", str(base), "--parity", str(parity), "--modes", "equal,coded,hedge",
+                  "--queries", "200", "--warmup", "20", "--trials", "2", "--emulated-ms", "2",
+                  "--faults", "slow:rate_hz=0.5,duration_s=0.5,factor=20;seed=1", "--json", str(out), "--no-progress"],
+                 {"PARM_DATA_ROOT": str(data_root)}, timeout_s=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 trials" in proc.stdout and "coded (p99.9 - p50) smaller than: equal" in proc.stdout
+    assert "coded median / baseline median: equal" in proc.stdout
+    summary = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert summary["trials"] == 2
+    for mode in ("equal", "coded", "hedge"):
+        stats = summary["modes"][mode]
+        assert stats["trials"] == 2 and stats["queries"] == 2 * 180 and len(stats["p999_ms_ci"]) == 2
+    assert "gap_ratio_vs_hedge_ci" in summary["modes"]["coded"]

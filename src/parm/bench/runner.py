@@ -1,11 +1,10 @@
-"""Run serving modes one after the other under the same load and the same fault schedule."""
+"""Run one serving system under an open-loop load and summarise it (``parm.bench.run_experiment``
+runs every mode and trial of an experiment with it)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -65,45 +64,3 @@ async def run_mode(system: SystemSpec, inputs: torch.Tensor, labels: torch.Tenso
     summary.update(mode=system.serving.mode, instances=len(roles), roles={r: roles.count(r) for r in set(roles)},
                    startup_s=startup_s, restarts=getattr(frontend.backend, "restarts", None))
     return summary
-
-
-def run_modes(system: SystemSpec, modes: list[str], inputs: torch.Tensor, labels: torch.Tensor | None,
-              load: LoadSpec, *, progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Each mode in turn, same load and faults; the per-mode summaries by mode name."""
-    results = {}
-    for mode in modes:
-        spec = dataclasses.replace(system, serving=dataclasses.replace(system.serving, mode=mode))
-        log.info("running mode %s on %d instances", mode, len(spec.roles()))
-        results[mode] = asyncio.run(run_mode(spec, inputs, labels, load, progress=progress))
-    return results
-
-
-def gap_ratio(summaries: dict[str, dict[str, Any]], baseline: str, mode: str = "coded") -> float | None:
-    """(p99.9 − p50 of ``baseline``) / (p99.9 − p50 of ``mode``): how much smaller ParM's tail gap is.
-
-    None when a mode is missing or the ratio is undefined: ``mode``'s gap is not finite or not
-    > 0 (failed queries reach its p99.9), or the baseline's is not finite."""
-    if baseline not in summaries or mode not in summaries:
-        return None
-    gap = lambda s: s["p999_ms"] - s["p50_ms"]  # noqa: E731
-    ours, theirs = gap(summaries[mode]), gap(summaries[baseline])
-    if not (math.isfinite(ours) and ours > 0 and math.isfinite(theirs)):
-        return None
-    return float(theirs / ours)
-
-
-def format_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """One line per mode: instances, p50 / p99 / p99.9, reconstructed fraction, outcomes, accuracy."""
-    head = f"{'mode':10s} {'inst':>4s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99.9 ms':>9s} {'recon':>6s} " \
-           f"{'ok':>6s} {'err':>5s} {'rej':>5s} {'lost':>4s} {'accuracy':>8s}"
-    lines = [head]
-    for mode, s in summaries.items():
-        acc = s.get("accuracy", float("nan"))
-        lines.append(f"{mode:10s} {s['instances']:4d} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} {s['p999_ms']:9.2f} "
-                     f"{s['reconstructed_fraction']:6.3f} {s.get('ok', s.get('answered', 0)):6d} {s['errors']:5d} "
-                     f"{s.get('rejected', 0):5d} {s['lost']:4d} {acc:8.4f}")
-    if "coded" in summaries and "equal" in summaries:
-        ratio = gap_ratio(summaries, "equal")
-        lines.append("coded vs equal: (p99.9 - p50) is " + ("undefined (failed queries reach p99.9)" if ratio is None
-                                                            else f"{ratio:.2f}x smaller"))
-    return "\n".join(lines)
