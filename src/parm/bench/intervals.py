@@ -98,8 +98,9 @@ def gap_ratios(base: np.ndarray, ours: np.ndarray, *, limits: bool = False) -> n
     ok = np.isfinite(gap_o) & (gap_o > 0) & np.isfinite(gap_b)
     out = np.where(ok, gap_b / np.where(ok, gap_o, 1.0), np.nan)
     if limits:
-        out = np.where(np.isinf(gap_o) & np.isfinite(gap_b), 0.0, out)
-        out = np.where(np.isinf(gap_b) & np.isfinite(gap_o) & (gap_o > 0), np.inf, out)
+        inf_o, inf_b = np.isinf(ours[:, 3]), np.isinf(base[:, 3])  # also when p50 is +inf too (inf - inf)
+        out = np.where(inf_o & np.isfinite(gap_b), 0.0, out)
+        out = np.where(inf_b & np.isfinite(gap_o) & (gap_o > 0), np.inf, out)
     return out
 
 
