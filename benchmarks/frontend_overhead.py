@@ -22,7 +22,7 @@ import torch
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.backends.base import Backend
-from parm.bench import LoadSpec, run_mode
+from parm.bench import LoadSpec, run_mode, summarize
 from parm.coding import CodeConfig, encode
 from parm.serving import Frontend, ServingConfig, instance_roles
 from parm.serving.tracker import GroupTracker
@@ -119,8 +119,8 @@ def p50_coded_vs_none(queries: int, rate: float) -> dict[str, float]:
         def factory(specs: list[InstanceSpec], faults: Any) -> Backend:
             return LocalBackend([InstanceSpec(s.instance_id, s.role, models[s.role], s.emulated_ms) for s in specs])
 
-        summary = asyncio.run(run_mode(spec, torch.randn(256, *SHAPE), None, LoadSpec(queries, rate, 0, 200),
-                                       backend_factory=factory))
+        summary = summarize([asyncio.run(run_mode(spec, torch.randn(256, *SHAPE), LoadSpec(queries, rate, 0, 200),
+                                                  backend_factory=factory))])
         out[mode] = summary["p50_ms"]
         out[f"{mode}_p99"] = summary["p99_ms"]
     return out

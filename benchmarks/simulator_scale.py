@@ -20,6 +20,7 @@ import time
 
 def one(instances: int, queries: int) -> dict:
     from parm.bench.simulate import SIM_QUERY_SHAPE, ServiceModel, simulate
+    from parm.bench.stats import summarize
     from parm.faults import parse_fault_spec
     from parm.serving import ServingConfig, instance_roles
 
@@ -32,7 +33,7 @@ def one(instances: int, queries: int) -> dict:
     wall = time.perf_counter() - started
     return {"instances": instances, "queries": queries, "wall_s": wall, "us_per_query": wall / queries * 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "p999_ms": result.summary()["p999_ms"], "lost": result.lost}
+            "p999_ms": summarize([result])["p999_ms"], "lost": result.lost}
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
-from parm.bench import LoadSpec, run_mode
+from parm.bench import LoadSpec, run_mode, summarize
 from parm.bench.simulate import SIM_QUERY_SHAPE, ServiceModel, simulate
 from parm.bench.histogram import LatencyHistogram
 from parm.faults import parse_fault_spec
@@ -62,10 +62,9 @@ def real(mode: str, queries: int, rate: float, trials: int) -> dict[str, float]:
     for trial in range(trials):
         spec = SystemSpec(base="toy", parity="toy", instances=2, emulated_ms=EMULATED_MS,
                           faults=parse_fault_spec(FAULTS).for_trial(trial), serving=ServingConfig(SHAPE, mode=mode, k=2))
-        records: list = []
-        asyncio.run(run_mode(spec, torch.randn(256, *SHAPE), None, LoadSpec(queries, rate, trial, 200),
-                             backend_factory=_backend, records=records))
-        hist.record_many([r.latency_ms for r in records if r.index >= 200 and r.outcome == "ok"])
+        sink = asyncio.run(run_mode(spec, torch.randn(256, *SHAPE), LoadSpec(queries, rate, trial, 200),
+                                    backend_factory=_backend))
+        hist.record_many([r.latency_ms for r in sink.records if r.index >= 200 and r.outcome == "ok"])
     return hist.summary()
 
 
@@ -86,8 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     samples = asyncio.run(measure_service_ms())
     idle = SystemSpec(base="toy", instances=2, emulated_ms=EMULATED_MS, serving=ServingConfig(SHAPE, mode="none"))
-    low = asyncio.run(run_mode(idle, torch.randn(256, *SHAPE), None, LoadSpec(600, 50.0, 99, 100),
-                               backend_factory=_backend))
+    low = summarize([asyncio.run(run_mode(idle, torch.randn(256, *SHAPE), LoadSpec(600, 50.0, 99, 100),
+                                          backend_factory=_backend))])
     overhead_ms = max(0.0, low["p50_ms"] - float(np.median(samples)))
     service = ServiceModel(kind="empirical", samples_ms=tuple(samples), overhead_ms=overhead_ms)
     print(f"measured service time: median {np.median(samples):.2f} ms, p99 {np.percentile(samples, 99):.2f} ms "

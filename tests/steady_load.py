@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from parm.serving import Frontend
+from parm.serving import Frontend, Source
 
 
 async def send_steadily(frontend: Frontend, queries: torch.Tensor, rate_qps: float) -> list:
@@ -31,3 +31,8 @@ async def serve_all(frontend: Frontend, queries: torch.Tensor, rate_qps: float, 
         return await task
     finally:
         await frontend.stop()
+
+
+def settled(frontend: Frontend, source: Source) -> float:
+    """Queries the frontend settled with ``source`` (its ``parm_queries_total`` metric)."""
+    return frontend.metrics.registry.get_sample_value("parm_queries_total", {"source": source.value}) or 0.0

@@ -8,9 +8,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from parm.errors import ConfigError, ParmError
+
+if TYPE_CHECKING:  # imported where used, to keep the command line quick to start
+    from parm.faults import FaultSpec
+    from parm.system import SystemSpec
 
 log = logging.getLogger("parm")
 
@@ -75,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model with ParM over HTTP",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="fault spec (--faults):\n" + FAULT_SPEC_HELP)
-    _add_system_args(p)
+    _add_system_args(p, serve=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
@@ -84,17 +88,23 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole story on one machine: every mode under the same faults",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Runs the packaged experiment demo.toml (experiments/demo.toml) with parm\n"
+                                   "bench's runner; an option not given is the file's, else the serving default.",
                        epilog="fault spec (--faults):\n" + FAULT_SPEC_HELP)
-    _add_system_args(p, default_faults=DEMO_FAULTS, default_emulated_ms=5.0, default_instances=2)
-    p.add_argument("--modes", default="none,equal,coded,hedge,replicate,cheap",
-                   help="comma-separated modes (cheap is skipped without --cheap)")
-    p.add_argument("--queries", type=int, default=2000, help="queries per mode and trial")
-    p.add_argument("--rate", type=float, default=150.0, help="queries per second (Poisson)")
-    p.add_argument("--warmup", type=int, default=200, help="queries discarded at the start")
-    p.add_argument("--trials", type=int, default=3,
-                   help="trials, each with its own fault realisation and arrivals (for the 95%% intervals)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="write the per-mode summaries here")
+    _add_system_args(p, serve=False)
+    p.add_argument("--modes", default=None,
+                   help="comma-separated modes (default: the file's; coded and cheap are skipped without --parity "
+                        "and --cheap)")
+    p.add_argument("--queries", type=int, default=None, help="queries per mode and trial (default: the file's)")
+    p.add_argument("--rate", type=float, default=None, help="queries per second, Poisson (default: the file's)")
+    p.add_argument("--warmup", type=int, default=None, help="queries discarded at the start (default: the file's)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials, each with its own fault realisation and arrivals, for the 95%% intervals "
+                        "(default: the file's)")
+    p.add_argument("--seed", type=int, default=None, help="arrival seed; trial t uses seed + t (default: the file's)")
+    p.add_argument("--json", type=Path, default=None, help="write the summary (as summary.json) here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also keep summary.json, results.csv, records and plots here (default: not kept)")
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -135,8 +145,9 @@ def _experiment(args: argparse.Namespace, kind: str):
 
 
 def _print_result(label: str, mode: str, stats: dict) -> None:
-    print(f"  {label:>10s} {mode:10s} instances={stats['instances']:<3d} p50={stats['p50_ms']:.2f} ms "
-          f"p99={stats['p99_ms']:.2f} ms p99.9={stats['p999_ms']:.2f} ms lost={stats['lost']}", flush=True)
+    from parm.bench.run_experiment import format_progress
+
+    print(format_progress(label, mode, stats), flush=True)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -160,32 +171,51 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_FAULTS = "slow:rate_hz=0.1,duration_s=1,factor=20;crash:instance=1,at_s=8;seed=1"
+# (flag, ServingConfig field, type, help): each default is read from the dataclass, never restated
+_SERVING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--k", "k", int, "coding group size (default: the parity checkpoint's, else {})"),
+    ("--batch-size", "batch_size", int, "queries per batch (default: {})"),
+    ("--batch-wait-ms", "batch_wait_ms", float, "longest a query waits for its batch to fill (default: {})"),
+    ("--group-wait-ms", "group_wait_ms", float, "longest an open coding group waits for members (default: {})"),
+    ("--deadline-ms", "deadline_ms", float, "a query with no answer by then fails (default: {})"),
+    ("--stall-timeout-ms", "stall_timeout_ms", float, "an instance silent this long is restarted (default: {})"),
+    ("--dispatch", "dispatch", str, "shared pull queue or per-instance round_robin (default: {})"),
+    ("--max-pending", "max_pending_queries", int, "pending queries before 429 (default: {})"),
+)
 
 
-def _add_system_args(p: argparse.ArgumentParser, *, default_faults: str = "", default_emulated_ms: float = 0.0,
-                     default_instances: int = 4) -> None:
+def _add_system_args(p: argparse.ArgumentParser, *, serve: bool) -> None:
+    """The system's options; every one defaults to None (not given), so that the defaults stay in
+    ServingConfig and SystemSpec (``parm serve``) or the demo experiment (``parm demo``)."""
+    from parm.serving import ServingConfig
+    from parm.serving.config import DISPATCH, MODES
+    from parm.system import SystemSpec
+
+    def spec_default(name: str) -> str:
+        return str(SystemSpec.default(name)) if serve else "the demo experiment's"
+
     p.add_argument("--base", type=Path, required=True, help="base (deployed) model checkpoint")
     p.add_argument("--parity", type=Path, default=None, help="parity model checkpoint (mode coded)")
     p.add_argument("--cheap", type=Path, default=None, help="approximate backup model checkpoint (mode cheap)")
-    p.add_argument("--k", type=int, default=None, help="coding group size (default: the parity checkpoint's)")
-    p.add_argument("--instances", type=int, default=default_instances, help="m: data instances the load needs")
-    p.add_argument("--mode", default="coded", help="none, equal, coded, hedge, replicate or cheap")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--batch-wait-ms", type=float, default=1.0)
-    p.add_argument("--group-wait-ms", type=float, default=20.0)
-    p.add_argument("--deadline-ms", type=float, default=10_000.0)
-    p.add_argument("--stall-timeout-ms", type=float, default=2_000.0)
-    p.add_argument("--dispatch", default="shared", choices=["shared", "round_robin"])
-    p.add_argument("--max-pending", type=int, default=10_000, help="pending queries before 429")
-    p.add_argument("--faults", default=default_faults, help="fault spec, or @FILE.toml (see below)")
-    p.add_argument("--emulated-ms", type=float, default=default_emulated_ms,
-                   help="extra service time per batch emulating an accelerator (default %(default)s)")
+    p.add_argument("--instances", type=int, default=None,
+                   help=f"m: data instances the load needs (default: {spec_default('instances')})")
+    if serve:
+        p.add_argument("--mode", default=None,
+                       help=f"{', '.join(MODES)} (default: {ServingConfig.default('mode')})")
+    for flag, name, kind, text in _SERVING_FLAGS:
+        p.add_argument(flag, dest=name, type=kind, default=None, choices=DISPATCH if name == "dispatch" else None,
+                       metavar=None if name == "dispatch" else flag[2:].replace("-", "_").upper(),
+                       help=text.format(ServingConfig.default(name)))
+    p.add_argument("--faults", default=None, help="fault spec, or @FILE.toml (see below); '' for none (default: "
+                   + ("none)" if serve else "the demo experiment's)"))
+    p.add_argument("--emulated-ms", type=float, default=None,
+                   help=f"extra service time per batch emulating an accelerator (default: "
+                        f"{spec_default('emulated_ms')})")
     _add_backend_args(p)
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="local", choices=["local", "ray"],
+    p.add_argument("--backend", default=None, choices=["local", "ray"],
                    help="local: instances are processes on this machine (default); ray: Ray Serve deployments "
                         "(pip install \"parm-serving[ray]\")")
     p.add_argument("--ray-address", default=None,
@@ -193,25 +223,22 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                         "default: start a local one")
 
 
-def _system_spec(args: argparse.Namespace):
+def _faults(text: str | None) -> FaultSpec | None:
+    """The --faults option: None when not given or empty, @FILE.toml, or a spec string."""
     from parm.faults import load_fault_spec, parse_fault_spec
-    from parm.serving import ServingConfig
-    from parm.system import SystemSpec, check_checkpoints
 
-    base, parity = check_checkpoints(str(args.base), args.parity and str(args.parity),
-                                     args.cheap and str(args.cheap), args.k, None)
-    k = args.k or (parity.k if parity is not None else 2)
-    encoder = parity.encoder if parity is not None else "add"
-    faults = (load_fault_spec(args.faults[1:]) if args.faults.startswith("@") else parse_fault_spec(args.faults)) \
-        if args.faults else None
-    serving = ServingConfig(
-        query_shape=tuple(base.in_shape), mode=args.mode, k=k, encoder=encoder or "add", batch_size=args.batch_size,
-        batch_wait_ms=args.batch_wait_ms, group_wait_ms=args.group_wait_ms, deadline_ms=args.deadline_ms,
-        stall_timeout_ms=args.stall_timeout_ms, dispatch=args.dispatch, max_pending_queries=args.max_pending)
-    spec = SystemSpec(base=str(args.base), instances=args.instances, serving=serving,
-                      parity=args.parity and str(args.parity), cheap=args.cheap and str(args.cheap), faults=faults,
-                      emulated_ms=args.emulated_ms, backend=args.backend, ray_address=args.ray_address)
-    return spec, base
+    if not text:
+        return None
+    return load_fault_spec(text[1:]) if text.startswith("@") else parse_fault_spec(text)
+
+
+def _system_spec(args: argparse.Namespace) -> SystemSpec:
+    from parm.system import resolve_system
+
+    return resolve_system(args.base, parity=args.parity, cheap=args.cheap, mode=args.mode,
+                          serving={name: getattr(args, name) for _, name, _, _ in _SERVING_FLAGS},
+                          instances=args.instances, faults=_faults(args.faults), emulated_ms=args.emulated_ms,
+                          backend=args.backend, ray_address=args.ray_address)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -220,7 +247,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from parm.system import run_server
 
-    spec, _ = _system_spec(args)
+    spec = _system_spec(args)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -236,39 +263,39 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import dataclasses
+    """The packaged demo experiment with the command line's overrides, run by parm bench's runner."""
+    import tempfile
 
-    from parm.bench import LoadSpec
-    from parm.bench.run_experiment import INTERVAL_METHOD, _json_safe, bench_systems, format_summary
-    from parm.data import load_dataset
+    from parm.bench.experiment import demo_experiment
+    from parm.bench.run_experiment import format_summary, json_summary, run_bench
 
-    if args.trials < 1:
-        raise ConfigError(f"--trials must be >= 1; got {args.trials}", field="trials", value=args.trials)
-    spec, base = _system_spec(args)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if spec.cheap is None and "cheap" in modes:
-        log.info("skipping mode 'cheap': no --cheap checkpoint given")
-        modes.remove("cheap")
-    if spec.parity is None and "coded" in modes:
-        log.info("skipping mode 'coded': no --parity checkpoint given")
-        modes.remove("coded")
-    test = load_dataset(base.dataset, "test", data_root=args.data_root)
-    load = LoadSpec(args.queries, args.rate, args.seed, args.warmup)
-    print(f"{base.arch} on {base.dataset}: m={spec.instances} data instances, k={spec.serving.k}, "
-          f"{args.queries} queries at {args.rate:g}/s x {args.trials} trials (each its own fault realisation), "
-          f"emulated {spec.emulated_ms:g} ms per batch, faults: {spec.faults.to_text() if spec.faults else 'none'}",
-          flush=True)
-    specs = {mode: dataclasses.replace(spec, serving=dataclasses.replace(spec.serving, mode=mode)) for mode in modes}
-    stats, _ = bench_systems(specs, load, spec.faults, args.trials, (test.float_images(), test.labels),
-                             progress=not args.no_progress)
-    summary = {"kind": "demo", "experiment": "demo", "points": [{"point": {"label": f"{args.rate:g}qps"},
-                                                                 "modes": stats}]}
+    exp = demo_experiment()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else list(exp.modes)
+    for mode, given, flag in (("cheap", args.cheap, "--cheap"), ("coded", args.parity, "--parity")):
+        if given is None and mode in modes:
+            log.info("skipping mode %r: no %s checkpoint given", mode, flag)
+            modes.remove(mode)
+    if not modes:
+        raise ConfigError("no mode left to run (coded needs --parity, cheap needs --cheap)", field="modes", value=[])
+    paths = {"base": args.base, "parity": args.parity, "cheap": args.cheap, "data_root": args.data_root}
+    system = {**{key: None if path is None else str(path) for key, path in paths.items()},
+              "instances": args.instances, "emulated_ms": args.emulated_ms,
+              **{name: getattr(args, name) for _, name, _, _ in _SERVING_FLAGS}}
+    exp = exp.with_overrides(modes=modes, queries=args.queries, rate=args.rate, trials=args.trials,
+                             warmup=args.warmup, seed=args.seed, system=system)
+    if args.faults is not None:
+        exp = dataclasses.replace(exp, faults=_faults(args.faults))
+    faults = exp.faults.to_text() if exp.faults else "none"
+    print(f"demo: modes {', '.join(exp.modes)}; m={exp.system['instances']} data instances, {exp.load['queries']} "
+          f"queries at {exp.load['rate']:g}/s x {exp.load['trials']} trials (each its own fault realisation), "
+          f"emulated {exp.system['emulated_ms']:g} ms per batch, faults: {faults}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="parm-demo-") as scratch:
+        summary = run_bench(exp, args.out or Path(scratch), progress=not args.no_progress, on_result=_print_result,
+                            backend=args.backend, ray_address=args.ray_address, kind="demo")
     print(format_summary(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_json_safe({"system": spec.to_json(), "load": dataclasses.asdict(load),
-                                                    "trials": args.trials, "interval_method": INTERVAL_METHOD,
-                                                    "modes": stats}), indent=2, default=str, allow_nan=False) + "\n")
+        args.json.write_text(json_summary(summary))
     return 0
 
 
@@ -331,8 +358,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.command in ("serve", "demo", "bench", "simulate")
-                        else logging.INFO,
+    quiet = args.command in ("serve", "demo", "bench", "simulate")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:

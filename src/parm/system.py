@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.backends.base import Backend
@@ -29,12 +31,14 @@ class SystemSpec:
     """Everything needed to start one serving system.
 
     ``instances`` is m, the number of data instances the deployment needs; each mode adds its
-    own extra instances at equal cost (see :func:`parm.serving.instance_roles`).
+    own extra instances at equal cost (see :func:`parm.serving.instance_roles`). The field defaults
+    here and in :class:`ServingConfig` are the only statement of each default; build a spec from
+    what a user gave with :func:`resolve_system`.
     """
 
     base: str
-    instances: int
     serving: ServingConfig
+    instances: int = 4
     parity: str | None = None
     cheap: str | None = None
     faults: FaultSpec | None = None
@@ -59,8 +63,23 @@ class SystemSpec:
             raise ConfigError(f"emulated_ms must be >= 0; got {self.emulated_ms}", field="emulated_ms",
                               value=self.emulated_ms)
 
+    @functools.cached_property
+    def _layout(self) -> tuple[str, ...]:
+        # computed once per spec (kept in the instance dict, outside the fields)
+        return tuple(instance_roles(self.serving.mode, self.instances, self.serving.k))
+
     def roles(self) -> list[str]:
-        return instance_roles(self.serving.mode, self.instances, self.serving.k)
+        """The role of each instance slot (data slots first)."""
+        return list(self._layout)
+
+    def role_counts(self) -> dict[str, int]:
+        """How many instances of each role, by role name (for summaries)."""
+        return count_roles(self._layout)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name`` (stated only here; help texts and experiment files read it)."""
+        return cls.__dataclass_fields__[name].default
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -69,26 +88,84 @@ class SystemSpec:
         return data
 
 
-def check_checkpoints(base: str, parity: str | None, cheap: str | None, k: int | None,
-                      encoder: str | None) -> tuple[ModelRecord, ModelRecord | None]:
-    """Records of the base and parity checkpoints, checked against each other and k/encoder."""
+def count_roles(roles: Sequence[str]) -> dict[str, int]:
+    """How many instances of each role a layout has, by role name."""
+    return {role: sum(r == role for r in roles) for role in sorted(set(roles))}
+
+
+SERVING_KEYS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(ServingConfig)) - {"query_shape", "mode"}
+"""ServingConfig fields a user sets (the query shape comes from the base checkpoint, the mode from the run)."""
+SYSTEM_KEYS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SystemSpec)) - {"serving", "faults"}
+"""SystemSpec fields a user sets besides the serving settings and the faults."""
+_COERCE: dict[str, Callable[[Any], Any]] = {"int": int, "float": float, "str": str}
+
+
+def serving_config(query_shape: Sequence[int], *, mode: str | None = None,
+                   settings: Mapping[str, Any] | None = None) -> ServingConfig:
+    """A ServingConfig from the settings a user gave; a setting that is None or absent takes its
+    dataclass default, so no caller restates a default. Values are converted to the field's type
+    (TOML and the command line give ints where floats are meant); an unknown name is a ConfigError
+    listing the valid ones."""
+    given: dict[str, Any] = {name: value for name, value in (settings or {}).items() if value is not None}
+    unknown = sorted(set(given) - SERVING_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown serving setting(s) {unknown}; valid: {sorted(SERVING_KEYS)}", field=unknown[0],
+                          value=given[unknown[0]])
+    fields = ServingConfig.__dataclass_fields__
+    for name, value in given.items():
+        convert = _COERCE.get(str(fields[name].type))
+        if convert is not None and not isinstance(value, bool):
+            try:
+                given[name] = convert(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be of type {fields[name].type}; got {value!r}", field=name,
+                                  value=value) from None
+    if mode is not None:
+        given["mode"] = mode
+    return ServingConfig(query_shape=tuple(query_shape), **given)
+
+
+def resolve_system(base: str | Path, *, parity: str | Path | None = None, cheap: str | Path | None = None,
+                   mode: str | None = None, serving: Mapping[str, Any] | None = None, instances: int | None = None,
+                   faults: FaultSpec | None = None, emulated_ms: float | None = None, backend: str | None = None,
+                   ray_address: str | None = None) -> SystemSpec:
+    """The one place a serving system's configuration is resolved (``parm serve``, ``bench``, ``demo``).
+
+    Every argument that is None was not given and takes its dataclass default (:class:`SystemSpec`,
+    :class:`ServingConfig`); ``serving`` holds ServingConfig settings by field name. Each
+    checkpoint record is read once and checked: the parity model against the base model it was
+    trained for (and against k and the encoder where given) and for one parity per group; the
+    approximate model's input shape, classes and dataset against the base model's. k and the
+    encoder come from the parity checkpoint unless given; the query shape from the base checkpoint.
+    """
+    settings = {name: value for name, value in (serving or {}).items() if value is not None}
     base_record = load_record(base)
-    parity_record = None
     if parity is not None:
         parity_record = load_record(parity)
-        check_parity_matches(base_record, parity_record, k=k, encoder=encoder)
+        check_parity_matches(base_record, parity_record, k=settings.get("k"), encoder=settings.get("encoder"))
         if parity_record.r not in (None, 1):
             raise ConfigError(f"serving uses one parity per group; {parity} has r={parity_record.r}",
                               field="r", value=parity_record.r)
+        for name in ("k", "encoder"):
+            if name not in settings and getattr(parity_record, name) is not None:
+                settings[name] = getattr(parity_record, name)
     if cheap is not None:
-        cheap_record = load_record(cheap)
-        for name in ("in_shape", "num_classes", "dataset"):
-            if getattr(cheap_record, name) != getattr(base_record, name):
-                raise CheckpointMismatchError(
-                    f"approximate model {cheap} has {name}={getattr(cheap_record, name)!r} but the base model has "
-                    f"{getattr(base_record, name)!r}", field=name, expected=getattr(base_record, name),
-                    got=getattr(cheap_record, name))
-    return base_record, parity_record
+        _check_cheap(base_record, load_record(cheap), str(cheap))
+    config = serving_config(base_record.in_shape, mode=mode, settings=settings)
+    given: dict[str, Any] = {"instances": instances, "emulated_ms": emulated_ms, "backend": backend,
+                             "ray_address": ray_address}
+    return SystemSpec(base=str(base), serving=config, parity=None if parity is None else str(parity),
+                      cheap=None if cheap is None else str(cheap), faults=faults,
+                      **{name: value for name, value in given.items() if value is not None})
+
+
+def _check_cheap(base: ModelRecord, cheap: ModelRecord, path: str) -> None:
+    """The approximate model must answer the same queries with the same classes as the base model."""
+    for name in ("in_shape", "num_classes", "dataset"):
+        if getattr(cheap, name) != getattr(base, name):
+            raise CheckpointMismatchError(
+                f"approximate model {path} has {name}={getattr(cheap, name)!r} but the base model has "
+                f"{getattr(base, name)!r}", field=name, expected=getattr(base, name), got=getattr(cheap, name))
 
 
 def instance_specs(spec: SystemSpec) -> list[InstanceSpec]:

@@ -172,7 +172,7 @@ def test_demo_prints_every_mode_with_intervals_over_trials(tiny_checkpoints: tup
     assert "2 trials" in proc.stdout and "coded (p99.9 - p50) smaller than: equal" in proc.stdout
     assert "coded median / baseline median: equal" in proc.stdout
     summary = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert summary["trials"] == 2
+    assert summary["trials"] == 2 and summary["kind"] == "demo" and summary["experiment"] == "demo"
     for mode in ("equal", "coded", "hedge"):
         stats = summary["modes"][mode]
         assert stats["trials"] == 2 and stats["queries"] == 2 * 180 and len(stats["p999_ms_ci"]) == 2

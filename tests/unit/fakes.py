@@ -16,6 +16,9 @@ Knobs (all take effect for batches sent afterwards unless said otherwise):
   ``on_failure`` is called, and after ``restart_s`` it is healthy again and ``on_ready`` is called.
 - ``crash_on(i, n)``: crash instance i right after it receives its n-th batch.
 - ``model_error(i, times=1)``: instance i answers its next ``times`` batches with an error string.
+- ``serial = True``: each instance serves one batch at a time, in the order received (as a real
+  worker process does), so a batch's time from send includes the batches ahead of it. By
+  default in-flight batches are served in parallel, each after its own delay.
 - ``honour_cancel = True``: ``cancel(i, work)`` (the Backend method) answers a batch the instance
   has not started (a stalled instance starts nothing) at once with the error "cancelled", as the
   Ray Serve backend does; a started batch still answers. By default a cancel is only recorded.
@@ -80,6 +83,7 @@ class _Instance:
     stall_persists: bool = False
     errors_left: int = 0
     received: int = 0
+    busy_until_s: float = 0.0  # serial: when the batches already received are done
     in_flight: dict[int, asyncio.TimerHandle | None] = field(default_factory=dict)  # work -> answer timer
 
 
@@ -96,6 +100,7 @@ class FakeBackend(Backend):
         self.kills: list[tuple[int, str]] = []
         self.cancels: list[tuple[int, int]] = []
         self.honour_cancel = False
+        self.serial = False
         self.crashes: list[int] = []
         self.answered: list[int] = []
         self.dropped: list[int] = []
@@ -135,6 +140,7 @@ class FakeBackend(Backend):
                 handle.cancel()
             self.dropped.append(work_id)
         inst.in_flight.clear()
+        inst.busy_until_s = 0.0
         if not inst.stall_persists:
             inst.stalled = False
         self._on_failure(instance_id, reason)
@@ -210,6 +216,10 @@ class FakeBackend(Backend):
             with torch.no_grad():
                 output, error = inst.model(inputs.detach().clone()), None  # (B, *S) -> (B, C)
         delay_s = self._script.get((instance_id, nth), inst.delay_s)
+        if self.serial:  # queued behind what the instance already holds
+            now = self._loop.time()
+            inst.busy_until_s = max(now, inst.busy_until_s) + delay_s
+            delay_s = inst.busy_until_s - now
         inst.in_flight[work_id] = self._loop.call_later(delay_s, self._answer, instance_id, work_id, output, error)
 
     def _answer(self, instance_id: int, work_id: int, output: torch.Tensor | None, error: str | None) -> None:

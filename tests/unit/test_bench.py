@@ -20,13 +20,21 @@ import torch
 from fakes import FakeBackend, specs_for
 from parm.bench.experiment import load_experiment
 from parm.bench.histogram import LatencyHistogram
-from parm.bench.loadgen import QueryResult, poisson_arrivals_s, run_open_loop
-from parm.bench.simloop import run_virtual
+from parm.bench.loadgen import (
+    HistogramSink,
+    QueryResult,
+    RecordSink,
+    Sink,
+    drive_open_loop,
+    poisson_arrivals_s,
+    run_open_loop,
+)
 from parm.bench.stats import PERCENTILES, latency_summary, summarize
 from parm.errors import ConfigError, OverloadedError, ServingError
 from parm.faults.spec import Crash, SlowEpisodes
 from parm.serving import Frontend, ServingConfig, instance_roles
 from parm.serving.types import Prediction, Source
+from parm.testing import run_virtual
 
 # ---- the arrival schedule ------------------------------------------------------------------------
 N_ARRIVALS = 20_000
@@ -320,18 +328,49 @@ def test_open_loop_records_rejections_and_errors() -> None:
 def test_open_loop_counts_a_query_never_answered_as_lost_and_ends_on_time() -> None:
     server = ScriptedServer(swallow={1})
 
-    async def main() -> tuple[list[QueryResult], float]:
+    async def main() -> tuple[RecordSink, float]:
         loop = asyncio.get_running_loop()
-        results = await run_open_loop(server.submit, torch.zeros(3, 1), np.array([0.0, 0.1, 0.2]), clock=loop.time,
-                                      answer_timeout_s=2.0)
-        return results, loop.time()
+        sink = await drive_open_loop(server.submit, torch.zeros(3, 1), [0.0, 0.1, 0.1], RecordSink(), clock=loop.time,
+                                     answer_timeout_s=2.0)
+        return sink, loop.time()
 
-    results, ended_s = run_virtual(main())
+    sink, ended_s = run_virtual(main())
+    results = sink.records
     assert [r.outcome for r in results] == ["ok", "lost", "ok"]
     assert math.isinf(results[1].latency_ms) and "answer_timeout_s=2.0" in results[1].error
     assert ended_s == pytest.approx(results[0].scheduled_s + 0.2 + 2.0, abs=1e-6)  # last send + answer timeout
-    s = summarize(results, total=3)
+    assert sink.elapsed_s == pytest.approx(0.2 + 2.0, abs=1e-6)
+    s = summarize([sink])
     assert (s["ok"], s["lost"]) == (2, 1) and math.isinf(s["p99_ms"])
+
+
+def _drive_scripted(sink: Sink, gaps: list[float]) -> Sink:
+    """Queries into ``sink``: 0 takes 1 s, 2 is refused, 3 takes 0.5 s, 4 fails, 5 is never answered."""
+    server = ScriptedServer(service_s={0: 1.0, 3: 0.5}, reject={2}, fail={4}, swallow={5})
+
+    async def main() -> Sink:
+        return await drive_open_loop(server.submit, torch.zeros(len(gaps), 1), gaps, sink,
+                                     clock=asyncio.get_running_loop().time, answer_timeout_s=2.0, lead_s=0.0)
+
+    return run_virtual(main())
+
+
+def test_one_driver_feeds_records_and_histograms_alike() -> None:
+    """Real runs keep records, the simulator a histogram: the same driver, the same counts and
+    sources, the same percentiles (to the histogram's precision), warmup dropped by both."""
+    gaps = [0.0] + [0.1] * 7
+    records, hist = _drive_scripted(RecordSink(warmup=1), gaps), _drive_scripted(HistogramSink(warmup=1), gaps)
+    assert isinstance(records, RecordSink) and isinstance(hist, HistogramSink)
+    for sink in (records, hist):
+        assert (sink.queries, sink.ok, sink.errors, sink.rejected, sink.lost) == (7, 4, 1, 1, 1)
+        assert sink.sources == {"original": 4, "error": 2, "lost": 1}
+    assert len(records.records) == 8 and hist.histogram.total == 4  # records keep the warmup; the histogram not
+    exact, binned = summarize([records]), summarize([hist])
+    for key in ("queries", "ok", "errors", "rejected", "lost", "sources", "reconstructed_fraction"):
+        assert exact[key] == binned[key], key
+    for key in ("p50_ms", "mean_ms", "max_ms"):
+        assert binned[key] == pytest.approx(exact[key], rel=hist.histogram.precision), key
+    assert math.isfinite(exact["p50_ms"]) and math.isinf(exact["p99_ms"]) and math.isinf(binned["p99_ms"])
 
 
 def test_an_answer_after_the_cutoff_does_not_resurrect_a_lost_query() -> None:
@@ -378,6 +417,18 @@ def _rec(i: int, latency_ms: float, source: str = "original", outcome: str = "ok
     return QueryResult(i, 10.0 + i, 10.0 + i, 10.0 + i + latency_ms / 1e3, source, outcome, label, 0)
 
 
+def _sink(records: list[QueryResult], warmup: int = 0) -> RecordSink:
+    """A RecordSink given these outcomes, as the driver reports them."""
+    sink = RecordSink(warmup)
+    for r in records:
+        if r.outcome == "ok":
+            pred = Prediction(torch.zeros(2), r.label, Source(r.source), r.latency_ms, r.instance)
+            sink.answered(r.index, r.scheduled_s, r.sent_s, r.answered_s, pred)
+        else:
+            sink.failed(r.index, r.scheduled_s, r.sent_s, r.answered_s, r.outcome, "scripted")
+    return sink
+
+
 def test_summarize_discards_warmup_and_counts_everything() -> None:
     labels = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
     records = [
@@ -390,12 +441,12 @@ def test_summarize_discards_warmup_and_counts_everything() -> None:
         _rec(6, 50.0, "reconstructed", label=0),  # right
         _rec(7, 0.0, "error", "rejected", None),
         _rec(8, 5.0, "error", "error", None),
-        # index 9: no record at all -> lost
+        _rec(9, math.inf, "lost", "lost", None),  # no outcome by the cutoff
     ]
-    s = summarize(records, total=10, labels=labels, warmup=2)
+    s = summarize([_sink(records, warmup=2)], labels=labels)
     assert s["queries"] == 8 and s["answered"] == 5 and s["ok"] == 5
     assert (s["errors"], s["rejected"], s["lost"]) == (1, 1, 1)
-    assert s["sources"] == {"original": 2, "reconstructed": 3, "error": 2}
+    assert s["sources"] == {"original": 2, "reconstructed": 3, "error": 2, "lost": 1}
     assert s["reconstructed_fraction"] == pytest.approx(3 / 8)
     # 5 answered + 3 failed (+inf): the median is the 4th smallest, the tail is infinite
     assert s["p50_ms"] == pytest.approx(40.0) and math.isinf(s["p999_ms"])
@@ -404,19 +455,32 @@ def test_summarize_discards_warmup_and_counts_everything() -> None:
     assert s["accuracy_original"] == pytest.approx(1 / 2)
     assert s["accuracy_reconstructed"] == pytest.approx(2 / 3)
     assert "accuracy_error" not in s
+    assert s["trials"] == 1 and s["per_trial"] == [{k: s[k] for k in ("p50_ms", "p99_ms", "p999_ms")}]
 
 
 def test_summarize_labels_wrap_like_the_queries() -> None:
     # the load generator sends queries[i % len(queries)]; accuracy uses labels[i % len(labels)]
     records = [_rec(i, 1.0, label=i % 3) for i in range(9)]
-    assert summarize(records, total=9, labels=[0, 1, 2])["accuracy"] == 1.0
+    assert summarize([_sink(records)], labels=[0, 1, 2])["accuracy"] == 1.0
 
 
 def test_summarize_without_labels_or_answers() -> None:
-    s = summarize([_rec(0, 0.0, "error", "error", None)], total=3)
+    s = summarize([_sink([_rec(0, 0.0, "error", "error", None), _rec(1, math.inf, "lost", "lost", None),
+                          _rec(2, math.inf, "lost", "lost", None)])])
     assert "accuracy" not in s
     assert s["lost"] == 2 and s["errors"] == 1 and s["answered"] == 0
     assert math.isinf(s["p50_ms"])  # every query failed
+
+
+def test_summarize_pools_trials_and_weights_accuracy_by_answers() -> None:
+    one = _sink([_rec(i, 10.0, label=0) for i in range(4)])  # 4 answered, all right
+    two = _sink([_rec(0, 30.0, label=1), _rec(1, 0.0, "error", "error", None)])  # 1 answered, wrong; 1 failed
+    one.restarts, two.restarts = 0, 2
+    s = summarize([one, two], labels=[0])
+    assert (s["trials"], s["queries"], s["ok"], s["errors"], s["restarts"]) == (2, 6, 5, 1, 2)
+    assert s["accuracy"] == pytest.approx(4 / 5)
+    assert s["p50_ms"] == pytest.approx(10.0) and math.isinf(s["p999_ms"])  # pooled: 10 10 10 10 30 inf
+    assert [t["p50_ms"] for t in s["per_trial"]] == pytest.approx([10.0, 30.0])
 
 
 # ---- experiment files ---------------------------------------------------------------------------

@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from fakes import FakeBackend, specs_for
-from parm.bench.simloop import SimulationStuck, VirtualTimeLoop, run_virtual
+from parm.bench.loadgen import HistogramSink
 from parm.bench.simulate import SIM_QUERY_SHAPE, ServiceModel, SimBackend, simulate
+from parm.bench.stats import summarize
 from parm.errors import ConfigError
 from parm.faults import parse_fault_spec
 from parm.serving import Frontend, ServingConfig, instance_roles
 from parm.serving.types import Prediction, Source
+from parm.testing import SimulationStuck, VirtualTimeLoop, run_virtual
 
 CONSTANT_10MS = ServiceModel("constant", median_ms=10.0)
 
@@ -114,17 +116,17 @@ def test_run_virtual_returns_the_result_and_closes_its_loop() -> None:
 # ---- simulate(): no faults ------------------------------------------------------------------------
 def test_no_faults_every_query_original_at_the_service_time() -> None:
     result = sim("none", rate_qps=20.0)  # 4 instances at 5% utilisation
-    s = result.summary()
+    s = summarize([result])
     assert result.sources == {"original": 2000}
     assert (result.lost, result.errors, result.restarts) == (0, 0, 0)
     assert s["p50_ms"] == pytest.approx(10.0, rel=0.002)  # batch_size 1: no batching wait
     assert s["max_ms"] >= 10.0 and result.histogram.percentile(0) == pytest.approx(10.0, rel=0.002)
-    assert result.virtual_s == pytest.approx(2000 / 20.0, rel=0.1)
+    assert result.elapsed_s == pytest.approx(2000 / 20.0, rel=0.1)
 
 
 def test_no_faults_batching_adds_at_most_the_batch_wait() -> None:
     result = sim("none", rate_qps=20.0, batch_size=4, batch_wait_ms=5.0)
-    s = result.summary()
+    s = summarize([result])
     assert result.sources == {"original": 2000} and result.lost == 0
     # at 20 qps a batch almost never fills: most queries wait the full 5 ms, then 10 ms of service
     assert 10.0 <= result.histogram.percentile(0) and s["p50_ms"] == pytest.approx(15.0, rel=0.002)
@@ -134,7 +136,7 @@ def test_no_faults_coded_answers_everything_without_losses() -> None:
     result = sim("coded", rate_qps=20.0)
     assert result.lost == 0 and result.errors == 0
     assert sum(result.sources.values()) == 2000
-    assert result.summary()["p50_ms"] == pytest.approx(10.0, rel=0.002)
+    assert summarize([result])["p50_ms"] == pytest.approx(10.0, rel=0.002)
 
 
 # ---- simulate(): faults ---------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def test_straggler_coded_reconstructs_and_cuts_the_tail() -> None:
     assert coded.lost == equal.lost == 0 and coded.errors == equal.errors == 0
     assert coded.sources.get("reconstructed", 0) > 50
     assert "reconstructed" not in equal.sources
-    p999 = lambda r: r.summary()["p999_ms"]  # noqa: E731
+    p999 = lambda r: summarize([r])["p999_ms"]  # noqa: E731
     assert p999(equal) > 400.0  # queries stuck behind the straggler
     assert p999(coded) < p999(equal) / 5, (p999(coded), p999(equal))
 
@@ -164,7 +166,7 @@ def test_deterministic_for_a_seed(mode: str) -> None:
                 faults="slow:rate_hz=0.5,duration_s=0.5,factor=10;seed=3") for seed in (7, 7, 8)]
     a, b, c = runs
     np.testing.assert_array_equal(a.histogram.counts, b.histogram.counts)
-    assert a.summary() == b.summary()
+    assert summarize([a]) == summarize([b])
     assert not np.array_equal(a.histogram.counts, c.histogram.counts)
 
 
@@ -212,7 +214,7 @@ def test_work_goes_to_idle_instances_first() -> None:
     """4 instances at 25% utilisation, constant 10 ms: with work sent to an idle instance whenever
     there is one (an M/D/4 queue waits with probability ~1.5% here), p90 is the service time."""
     result = sim("none", rate_qps=100.0)
-    assert result.summary()["p90_ms"] == pytest.approx(10.0, rel=0.01), result.summary()
+    assert summarize([result])["p90_ms"] == pytest.approx(10.0, rel=0.01), summarize([result])
 
 
 def test_simulated_rejections_keep_the_arrival_schedule() -> None:
@@ -223,6 +225,7 @@ def test_simulated_rejections_keep_the_arrival_schedule() -> None:
     assert result.lost == 0
     assert result.errors == 0
     assert 0.25 < result.rejected / result.queries < 0.42, f"{result.rejected} of {result.queries} refused"
+    assert result.sources == {"original": result.ok, "error": result.rejected}  # counted as real runs count them
 
 
 def test_sim_backend_crash_counts_from_the_time_origin() -> None:
@@ -322,8 +325,8 @@ def test_a_straggler_hurts_the_same_whichever_data_instance_it_is_on(mode: str) 
     lognormal = ServiceModel("lognormal", median_ms=10.0, sigma=0.1)
     tails = {}
     for victim in (0, len(roles) - 1):
-        summary = sim(mode, m=2, service=lognormal, queries=6000, rate_qps=10.0,
-                      faults=f"straggler:instance={victim},factor=4").summary()
+        summary = summarize([sim(mode, m=2, service=lognormal, queries=6000, rate_qps=10.0,
+                                 faults=f"straggler:instance={victim},factor=4")])
         tails[victim] = (summary["p50_ms"], summary["p99_ms"])
     (p50_first, p99_first), (p50_last, p99_last) = tails[0], tails[len(roles) - 1]
     assert p99_first == pytest.approx(p99_last, rel=0.15), tails
@@ -333,13 +336,8 @@ def test_a_straggler_hurts_the_same_whichever_data_instance_it_is_on(mode: str) 
 class _ForgetfulFrontend(Frontend):
     """A frontend with a bug: batch 5 is never answered and never failed (its future hangs)."""
 
-    def _answer(self, batch, outputs, source, instance) -> None:
-        if batch.batch_id != 5:
-            super()._answer(batch, outputs, source, instance)
-
-    def _fail_batch(self, batch, error) -> None:
-        if batch.batch_id != 5:
-            super()._fail_batch(batch, error)
+    def settle(self, batch, source, outputs=None, instance=None, *, error=None) -> bool:
+        return batch.batch_id != 5 and super().settle(batch, source, outputs, instance, error=error)
 
 
 def test_a_query_nobody_answers_is_lost_and_the_simulation_still_ends() -> None:
@@ -350,8 +348,8 @@ def test_a_query_nobody_answers_is_lost_and_the_simulation_still_ends() -> None:
                       frontend_factory=_ForgetfulFrontend)
     assert time.monotonic() - started < 30
     assert result.lost == 1 and result.errors == 0 and result.ok == 199
-    assert result.virtual_s < 200 / 50.0 * 2 + 1.0 + 5.0 + 1.0  # last arrival + deadline + grace, roughly
-    assert math.isinf(result.summary()["p999_ms"])  # 1 of 200 failed: the lost query reaches p99.9
+    assert result.elapsed_s < 200 / 50.0 * 2 + 1.0 + 5.0 + 1.0  # last arrival + deadline + grace, roughly
+    assert math.isinf(summarize([result])["p999_ms"])  # 1 of 200 failed: the lost query reaches p99.9
 
 
 def test_a_swallowed_batch_fails_at_its_deadline_and_counts_in_the_tail() -> None:
@@ -366,14 +364,13 @@ def test_a_swallowed_batch_fails_at_its_deadline_and_counts_in_the_tail() -> Non
 
     async def main():
         loop = asyncio.get_running_loop()
-        from parm.bench.simulate import _drive
-        from parm.bench.histogram import LatencyHistogram
+        from parm.bench.simulate import _run
 
         backend = Swallowing(instance_roles("none", 2, 2), CONSTANT_10MS, horizon_s=3600.0)
         cfg = ServingConfig(SIM_QUERY_SHAPE, mode="none", deadline_ms=500.0, stall_timeout_ms=1e9)
-        return await _drive(cfg, backend, 100, 50.0, 0, 0, LatencyHistogram()), loop
+        return await _run(cfg, backend, HistogramSink(), queries=100, rate_qps=50.0, seed=0), loop
 
     result, _ = run_virtual(main())
     assert (result.errors, result.lost, result.ok) == (1, 0, 99)
-    summary = result.summary()
+    summary = summarize([result])
     assert math.isfinite(summary["p99_ms"]) and math.isinf(summary["p999_ms"])

@@ -33,6 +33,13 @@ trials = 3
 kind = "lognormal"; median_ms = 20.0; sigma = 0.1
 ```
 
+[system] takes the serving settings by their :class:`~parm.serving.ServingConfig` field names
+(``deadline_ms``, ``batch_wait_ms``, ``dispatch``, …) and the :class:`~parm.system.SystemSpec`
+fields above; [simulate] takes the serving settings too (but k and the batch size, which come from
+[system] and [sweep]). A key not given is the dataclass default (k: the parity checkpoint's); the
+simulator's own deadline, stall timeout and overload limit are in :mod:`parm.bench.simulate`. An
+unknown key is an error naming it, the file and the valid keys.
+
 Paths are relative to the current directory. Every run writes the resolved experiment next to
 its results.
 """
@@ -40,6 +47,7 @@ its results.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +55,8 @@ from typing import Any
 from parm.errors import ConfigError
 from parm.faults import FaultSpec, fault_spec_from_dict
 from parm.faults.spec import SlowEpisodes
-from parm.serving.config import MODES
+from parm.serving.config import MODES, ServingConfig
+from parm.system import SERVING_KEYS, SYSTEM_KEYS
 
 try:
     import tomllib
@@ -55,13 +64,18 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 SWEEPS = ("rates", "ks", "batch_sizes", "slow_rates_hz")
+# [system]: the serving settings and the system's own (both read from their dataclasses), one parity
+# checkpoint per k, and the data folder; the backend is chosen on the command line.
+SYSTEM_SECTION_KEYS = frozenset(SERVING_KEYS | (SYSTEM_KEYS - {"backend", "ray_address"}) | {"parities", "data_root"})
+# [simulate]: the simulated cluster and its load, and serving settings (k and the batch size come from
+# [system] and [sweep], shared with the real run).
+SIM_SERVING_KEYS = frozenset(SERVING_KEYS - {"k", "batch_size"})
 SECTION_KEYS = {
-    "system": {"base", "parity", "parities", "cheap", "instances", "k", "batch_size", "emulated_ms", "batch_wait_ms",
-               "group_wait_ms", "stall_timeout_ms", "deadline_ms", "data_root", "dispatch"},
-    "load": {"rate", "rates", "queries", "warmup", "trials", "seed"},
-    "simulate": {"instances", "rate", "rates", "queries", "trials", "warmup", "service", "stall_timeout_ms", "modes",
-                 "deadline_ms", "max_pending_queries", "dispatch", "restart_s"},
-    "sweep": set(SWEEPS),
+    "system": SYSTEM_SECTION_KEYS,
+    "load": frozenset({"rate", "rates", "queries", "warmup", "trials", "seed"}),
+    "simulate": SIM_SERVING_KEYS | {"instances", "rate", "rates", "queries", "trials", "warmup", "service", "modes",
+                                    "restart_s"},
+    "sweep": frozenset(SWEEPS),
 }
 
 
@@ -70,7 +84,7 @@ class Point:
     """One point of a sweep: the value each swept knob takes."""
 
     rate: float
-    k: int
+    k: int | None  # None: the parity checkpoint's k, else the serving default (resolved per run)
     batch_size: int
     faults: FaultSpec | None
     label: str
@@ -109,17 +123,22 @@ class Experiment:
                               field="sweep", value=sorted(self.sweep))
 
     def with_overrides(self, *, modes: list[str] | None = None, queries: int | None = None,
-                       rate: float | None = None, trials: int | None = None) -> Experiment:
+                       rate: float | None = None, trials: int | None = None, warmup: int | None = None,
+                       seed: int | None = None, system: dict[str, Any] | None = None) -> Experiment:
+        """The experiment with what the command line gave (None: not given). ``system``: [system]
+        keys, checked like the file's."""
         load, sweep = dict(self.load), dict(self.sweep)
-        if queries is not None:
-            load["queries"] = queries
-        if trials is not None:
-            load["trials"] = trials
+        for key, value in (("queries", queries), ("trials", trials), ("warmup", warmup), ("seed", seed)):
+            if value is not None:
+                load[key] = value
         if rate is not None:
             load["rate"] = rate
             load.pop("rates", None)
             sweep.pop("rates", None)
-        return dataclasses.replace(self, modes=tuple(modes) if modes else self.modes, load=load, sweep=sweep)
+        given = {key: value for key, value in (system or {}).items() if value is not None}
+        _check_keys(self.source, "system", given)
+        return dataclasses.replace(self, modes=tuple(modes) if modes else self.modes, load=load, sweep=sweep,
+                                   system={**self.system, **given})
 
     def points(self, simulated: bool = False) -> list[Point]:
         """Every point of the sweep (one point when nothing is swept)."""
@@ -127,8 +146,8 @@ class Experiment:
         rates = [float(r) for r in (load.get("rates") or self.sweep.get("rates") or [load.get("rate", 100.0)])]
         if simulated and "rates" not in self.simulate and "rate" in self.simulate:
             rates = [float(self.simulate["rate"])]
-        k = int(self.system.get("k", 2))
-        batch = int(self.system.get("batch_size", 1))
+        k = int(self.system["k"]) if "k" in self.system else None
+        batch = int(self.system.get("batch_size", ServingConfig.default("batch_size")))
         if "ks" in self.sweep:
             return [Point(rates[0], int(v), batch, self.faults, f"k={v}") for v in self.sweep["ks"]]
         if "batch_sizes" in self.sweep:
@@ -152,6 +171,21 @@ def _scale_slow(faults: FaultSpec | None, rate_hz: float) -> FaultSpec:
         dataclasses.replace(f, rate_hz=rate_hz) if isinstance(f, SlowEpisodes) else f for f in faults.faults))
 
 
+def _check_keys(source: str, section: str, keys: Any) -> None:
+    """An unknown key is a ConfigError naming it, the file and the valid keys."""
+    known = SECTION_KEYS[section]
+    bad = sorted(set(keys) - known)
+    if bad:
+        raise ConfigError(f"{source}: unknown key(s) {bad} in [{section}]; valid: {sorted(known)}",
+                          field=f"{section}.{bad[0]}", value=bad)
+
+
+def demo_experiment() -> Experiment:
+    """``parm demo``'s experiment, shipped in the package (the same file as experiments/demo.toml)."""
+    with importlib.resources.as_file(importlib.resources.files("parm.bench") / "demo.toml") as path:
+        return load_experiment(path)
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment file; errors name the file and the field."""
     path = Path(path)
@@ -166,11 +200,8 @@ def load_experiment(path: str | Path) -> Experiment:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; known: {sorted(known)}",
                           field="experiment", value=sorted(unknown))
-    for section, keys in SECTION_KEYS.items():
-        bad = set(data.get(section, {})) - keys
-        if bad:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; known: {sorted(keys)}",
-                              field=f"{section}.{sorted(bad)[0]}", value=sorted(bad))
+    for section in SECTION_KEYS:
+        _check_keys(str(path), section, data.get(section, {}))
     faults = fault_spec_from_dict(data["faults"], source=str(path)) if data.get("faults") else None
     if "slow_rates_hz" in data.get("sweep", {}) and not (faults and any(isinstance(f, SlowEpisodes)
                                                                           for f in faults.faults)):

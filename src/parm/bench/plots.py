@@ -18,25 +18,25 @@ except ImportError as exc:  # pragma: no cover - exercised only without matplotl
 from parm.bench.histogram import LatencyHistogram
 
 
-def _tail_curve(latencies: list[float] | None, hist: LatencyHistogram | None) -> tuple[np.ndarray, np.ndarray]:
+def _tail_curve(tail: list[float] | LatencyHistogram) -> tuple[np.ndarray, np.ndarray]:
     """(latency_ms, fraction of queries slower) for a log-log tail plot."""
-    if hist is not None:
-        counts = hist.counts
+    if isinstance(tail, LatencyHistogram):
+        counts = tail.counts
         nz = np.nonzero(counts)[0]
-        edges = hist.min_ms * np.exp((nz + 1) * hist._log_base)
-        slower = 1.0 - np.cumsum(counts[nz]) / max(hist.total, 1)
-        return edges, np.maximum(slower, 0.5 / max(hist.total, 1))
-    values = np.sort(np.asarray(latencies or [], dtype=np.float64))
+        edges = tail.min_ms * np.exp((nz + 1) * tail._log_base)
+        slower = 1.0 - np.cumsum(counts[nz]) / max(tail.total, 1)
+        return edges, np.maximum(slower, 0.5 / max(tail.total, 1))
+    values = np.sort(np.asarray(tail, dtype=np.float64))
     slower = 1.0 - np.arange(1, len(values) + 1) / max(len(values), 1)
     return values, np.maximum(slower, 0.5 / max(len(values), 1))
 
 
-def plot_cdf(path: Path, title: str, *, latencies: dict[str, list[float]] | None = None,
-             histograms: dict[str, LatencyHistogram] | None = None) -> None:
-    """Latency tail per mode: fraction of queries slower than x, both axes logarithmic."""
+def plot_cdf(path: Path, title: str, tails: dict[str, list[float] | LatencyHistogram]) -> None:
+    """Latency tail per mode (``tails``: each mode's latencies, a list with +∞ for failed queries
+    or a histogram): fraction of queries slower than x, both axes logarithmic."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for mode in (latencies or histograms or {}):
-        x, y = _tail_curve((latencies or {}).get(mode), (histograms or {}).get(mode))
+    for mode, tail in tails.items():
+        x, y = _tail_curve(tail)
         if len(x):
             ax.plot(x, y, label=mode, drawstyle="steps-post")
     ax.set(xscale="log", yscale="log", xlabel="latency (ms)", ylabel="fraction of queries slower",

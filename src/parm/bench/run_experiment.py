@@ -8,16 +8,21 @@ modes of one trial run back to back (trial by trial, not mode by mode, so slow d
 machine does not favour one mode). Figures pool the trials; intervals are the paired trial
 bootstrap of :mod:`parm.bench.intervals`.
 
-summary.json: ``{"kind", "experiment", "backend", "points": [{"point": {...}, "modes": {mode: stats}}],
-"modes": <the first point's modes>, <mode>: <the first point's stats for that mode>, "config",
-"interval_method"}``. Each mode's stats hold ``instances``, ``trials``, ``p50_ms``, ``p90_ms``,
-``p99_ms``, ``p999_ms`` (failed queries count as +∞; written as null when infinite), each with
-``_ci`` = [low, high] (95%), ``mean_ms``, ``max_ms`` (answered queries), ``queries``, ``ok``,
-``errors``, ``rejected``, ``lost``, ``reconstructed_fraction``, ``sources``, ``per_trial`` and
-(real runs on labelled data) ``accuracy``. Coded-family modes also have, for every other mode
-run, ``gap_ratio_vs_<mode>`` = (p99.9 − p50 of that mode) / (p99.9 − p50 of this one) and
-``median_ratio_vs_<mode>`` = p50 of this / p50 of that, each with ``_ci``; a ratio is null when
-undefined (its denominator is not finite).
+Each system is resolved by :func:`parm.system.resolve_system` from only the [system] keys the
+file gives; real runs and the simulator drive their load with the same open-loop driver
+(:mod:`parm.bench.loadgen`) and summarise with the same :func:`parm.bench.stats.summarize`.
+
+summary.json: ``{"kind", "experiment", "backend", "trials", "points": [{"point": {...}, "modes":
+{mode: stats}}], "modes": <the first point's modes>, <mode>: <the first point's stats for that
+mode>, "config", "interval_method"}``. Each mode's stats hold ``instances``, ``roles``,
+``trials``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``p999_ms`` (failed queries count as +∞; written
+as null when infinite), each with ``_ci`` = [low, high] (95%), ``mean_ms``, ``max_ms`` (answered
+queries), ``queries``, ``ok``, ``errors``, ``rejected``, ``lost``, ``reconstructed_fraction``,
+``sources`` (every measured query by where its answer came from; ``error`` and ``lost`` for the
+others), ``restarts``, ``per_trial`` and (real runs on labelled data) ``accuracy``. Coded-family
+modes also have, for every other mode run, ``gap_ratio_vs_<mode>`` = (p99.9 − p50 of that mode) /
+(p99.9 − p50 of this one) and ``median_ratio_vs_<mode>`` = p50 of this / p50 of that, each with
+``_ci``; a ratio is null when undefined (its denominator is not finite).
 """
 
 from __future__ import annotations
@@ -30,17 +35,20 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from parm.bench.experiment import Experiment, Point
-from parm.bench.histogram import LatencyHistogram
+import torch
+
+from parm.bench.experiment import SIM_SERVING_KEYS, Experiment, Point
 from parm.bench.intervals import PairedBootstrap, TrialCounts
+from parm.bench.loadgen import QueryResult, RecordSink, Sink
 from parm.bench.runner import LoadSpec, run_mode
-from parm.bench.simulate import SIM_QUERY_SHAPE, ServiceModel, simulate
-from parm.bench.stats import failed_as_inf, latency_summary
+from parm.bench.simulate import ServiceModel, sim_serving_config, simulate
+from parm.bench.stats import pooled_latencies, summarize, trial_counts
 from parm.errors import ConfigError
 from parm.faults import FaultSpec
 from parm.serving import ServingConfig, instance_roles
+from parm.system import SERVING_KEYS, SystemSpec, count_roles, resolve_system
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,13 @@ def _trials(exp: Experiment, section: dict[str, Any] | None = None) -> int:
     return trials
 
 
+def _mode_stats(mode: str, roles: dict[str, int], trials: Sequence[Sink], labels: Sequence[int] | None = None
+                ) -> dict[str, Any]:
+    """One mode's entry of summary.json, real or simulated alike: its summary over the trials and
+    its instance layout."""
+    return {**summarize(trials, labels=labels), "mode": mode, "instances": sum(roles.values()), "roles": roles}
+
+
 def _add_intervals(modes: dict[str, dict[str, Any]], counts: dict[str, TrialCounts]) -> None:
     """Pooled percentiles with intervals for every mode; ratios for the coded family."""
     boot = PairedBootstrap(counts)
@@ -79,31 +94,6 @@ def _add_intervals(modes: dict[str, dict[str, Any]], counts: dict[str, TrialCoun
                     modes[ours].update(boot.ratios(ours, base))
 
 
-def _per_trial(latencies_ms: list[float]) -> dict[str, float]:
-    s = latency_summary([v for v in latencies_ms if math.isfinite(v)],
-                        failed=sum(not math.isfinite(v) for v in latencies_ms))
-    return {k: s[k] for k in ("p50_ms", "p99_ms", "p999_ms")}
-
-
-def _merge_counts(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts added over trials; fractions and accuracies weighted by queries / answers."""
-    stats: dict[str, Any] = {}
-    for key in ("queries", "ok", "errors", "rejected", "lost"):
-        stats[key] = sum(t.get(key, 0) for t in trials)
-    stats["answered"] = stats["ok"]
-    stats["sources"] = {}
-    for t in trials:
-        for source, count in t["sources"].items():
-            stats["sources"][source] = stats["sources"].get(source, 0) + count
-    stats["reconstructed_fraction"] = stats["sources"].get("reconstructed", 0) / max(stats["queries"], 1)
-    restarts = [t["restarts"] for t in trials if t.get("restarts") is not None]
-    stats["restarts"] = sum(restarts) if restarts else None  # instances that failed and came back
-    for key in {k for t in trials for k in t if k.startswith("accuracy")}:
-        weights = [t["ok"] for t in trials if key in t]
-        stats[key] = sum(t[key] * t["ok"] for t in trials if key in t) / max(sum(weights), 1)
-    return stats
-
-
 def _parity_for(exp: Experiment, k: int) -> str | None:
     parities = exp.system.get("parities", {})
     if str(k) in parities:
@@ -112,30 +102,30 @@ def _parity_for(exp: Experiment, k: int) -> str | None:
 
 
 # ---- real runs -----------------------------------------------------------------------------
-def _system_spec(exp: Experiment, point: Point, mode: str, base_record: Any, backend: str = "local",
-                 ray_address: str | None = None) -> Any:
-    from parm.system import SystemSpec, check_checkpoints
+def _system_specs(exp: Experiment, point: Point, modes: list[str], backend: str | None,
+                  ray_address: str | None) -> tuple[Point, dict[str, SystemSpec]]:
+    """Every mode's system at ``point`` (each resolved once, from only the keys the file gives), and
+    the point with its k: the file's (or the sweep's); else the parity checkpoint's, which every
+    mode then uses; else the serving default."""
+    system = exp.system
+    settings = {key: system[key] for key in SERVING_KEYS if key in system}
+    settings.update(batch_size=point.batch_size, k=point.k)
+    given: dict[str, Any] = dict(instances=system.get("instances"), faults=point.faults,
+                                 emulated_ms=system.get("emulated_ms"), backend=backend, ray_address=ray_address)
+    specs: dict[str, SystemSpec] = {}
+    if "coded" in modes:
+        parity = _parity_for(exp, point.k if point.k is not None else ServingConfig.default("k"))
+        specs["coded"] = resolve_system(system["base"], parity=parity, mode="coded", serving=settings, **given)
+        settings["k"] = specs["coded"].serving.k
+    for mode in modes:
+        if mode != "coded":
+            specs[mode] = resolve_system(system["base"], cheap=system.get("cheap") if mode == "cheap" else None,
+                                         mode=mode, serving=settings, **given)
+    specs = {mode: specs[mode] for mode in modes}
+    return dataclasses.replace(point, k=next(iter(specs.values())).serving.k), specs
 
-    parity = _parity_for(exp, point.k) if mode == "coded" else None
-    check_checkpoints(exp.system["base"], parity, exp.system.get("cheap") if mode == "cheap" else None,
-                      point.k if parity else None, None)
-    encoder = "add"
-    if parity is not None:
-        from parm.training.checkpoint import load_record
 
-        encoder = load_record(parity).encoder or "add"
-    serving = ServingConfig(
-        query_shape=tuple(base_record.in_shape), mode=mode, k=point.k, encoder=encoder, batch_size=point.batch_size,
-        batch_wait_ms=float(exp.system.get("batch_wait_ms", 1.0)),
-        group_wait_ms=float(exp.system.get("group_wait_ms", 20.0)),
-        stall_timeout_ms=float(exp.system.get("stall_timeout_ms", 2000.0)),
-        deadline_ms=float(exp.system.get("deadline_ms", 10_000.0)), dispatch=str(exp.system.get("dispatch", "shared")))
-    return SystemSpec(base=exp.system["base"], instances=int(exp.system.get("instances", 2)), serving=serving,
-                      parity=parity, cheap=exp.system.get("cheap") if mode == "cheap" else None, faults=point.faults,
-                      emulated_ms=float(exp.system.get("emulated_ms", 0.0)), backend=backend, ray_address=ray_address)
-
-
-def _write_records(path: Path, mode: str, trial: int, records: list) -> None:
+def _write_records(path: Path, mode: str, trial: int, records: list[QueryResult]) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as fh:
         writer = csv.writer(fh)
@@ -147,56 +137,27 @@ def _write_records(path: Path, mode: str, trial: int, records: list) -> None:
                              f"{r.latency_ms:.4f}", r.instance, r.source, r.outcome, r.label])
 
 
-def _bench_trial(spec: Any, load: LoadSpec, faults: FaultSpec | None, trial: int, data: tuple,
-                 records_path: Path | None, progress: bool) -> tuple[dict[str, Any], list[float]]:
-    """One mode, one trial: its summary and its latencies (failed as +∞, warmup dropped)."""
-    load = dataclasses.replace(load, seed=load.seed + trial)
-    spec = dataclasses.replace(spec, faults=trial_faults(faults, trial))
-    records: list = []
-    summary = asyncio.run(run_mode(spec, data[0], data[1], load, progress=progress, records=records))
-    if records_path is not None:
-        _write_records(records_path, spec.serving.mode, trial, records)
-    return summary, failed_as_inf(records, load.warmup, missing=load.queries - len(records))
-
-
-def bench_systems(specs: dict[str, Any], load: LoadSpec, faults: FaultSpec | None, trials: int, data: tuple, *,
-                  records_path: Path | None = None, progress: bool = False) -> tuple[dict, dict]:
-    """Run each mode's system (``specs``: mode -> SystemSpec) ``trials`` times under ``load``;
-    trial t uses arrivals seeded ``load.seed + t`` and ``faults.for_trial(t)`` in every mode.
-    Returns (stats by mode, with intervals and ratios; latencies by mode, failed as +∞)."""
-    summaries: dict[str, list[dict[str, Any]]] = {mode: [] for mode in specs}
-    latencies: dict[str, list[list[float]]] = {mode: [] for mode in specs}
+def _bench_trials(specs: dict[str, SystemSpec], load: LoadSpec, trials: int, inputs: torch.Tensor,
+                  records_path: Path, progress: bool) -> dict[str, list[RecordSink]]:
+    """Run each mode's system ``trials`` times; trial t uses arrivals seeded ``load.seed + t`` and
+    its own fault realisation in every mode. The modes of one trial run back to back."""
+    sinks: dict[str, list[RecordSink]] = {mode: [] for mode in specs}
     for trial in range(trials):
-        for mode, spec in specs.items():  # trial by trial: every mode of a trial sees its faults and arrivals
-            summary, lat = _bench_trial(spec, load, faults, trial, data, records_path, progress)
-            summaries[mode].append(summary)
-            latencies[mode].append(lat)
-    stats: dict[str, dict[str, Any]] = {}
-    for mode, spec in specs.items():
-        roles = spec.roles()
-        stats[mode] = {**_merge_counts(summaries[mode]), **latency_summary(
-            [v for t in latencies[mode] for v in t if math.isfinite(v)],
-            failed=sum(not math.isfinite(v) for t in latencies[mode] for v in t)),
-            "mode": mode, "instances": len(roles), "roles": {r: roles.count(r) for r in sorted(set(roles))},
-            "trials": trials, "per_trial": [_per_trial(t) for t in latencies[mode]]}
-    _add_intervals(stats, {mode: TrialCounts.from_latencies(latencies[mode]) for mode in specs})
-    return stats, {mode: [v for t in latencies[mode] for v in t] for mode in specs}
-
-
-def _bench_point(exp: Experiment, point: Point, modes: list[str], base_record: Any, data: tuple, out: Path,
-                 progress: bool, backend: str, ray_address: str | None) -> tuple[dict, dict]:
-    specs = {mode: _system_spec(exp, point, mode, base_record, backend, ray_address) for mode in modes}
-    load = LoadSpec(int(exp.load.get("queries", 2000)), point.rate, int(exp.load.get("seed", 0)),
-                    int(exp.load.get("warmup", 0)))
-    return bench_systems(specs, load, point.faults, _trials(exp), data,
-                         records_path=out / f"records-{point.label}.csv", progress=progress)
+        for mode, spec in specs.items():
+            trial_spec = dataclasses.replace(spec, faults=trial_faults(spec.faults, trial))
+            sink = asyncio.run(run_mode(trial_spec, inputs, dataclasses.replace(load, seed=load.seed + trial),
+                                        progress=progress))
+            _write_records(records_path, mode, trial, sink.records)
+            sinks[mode].append(sink)
+    return sinks
 
 
 def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
-              on_result: Callable[[str, str, dict], None] | None = None, backend: str = "local",
-              ray_address: str | None = None) -> dict[str, Any]:
+              on_result: Callable[[str, str, dict], None] | None = None, backend: str | None = None,
+              ray_address: str | None = None, kind: str = "bench") -> dict[str, Any]:
     """Run every point × trial × mode on the real system (``backend``: local processes or Ray
-    Serve deployments); write the outputs into ``out``."""
+    Serve deployments; None: the default); write the outputs into ``out``. ``kind`` labels the
+    summary (``parm demo`` runs its experiment through here as ``demo``)."""
     from parm.data import load_dataset
     from parm.training.checkpoint import load_record
 
@@ -205,66 +166,59 @@ def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
                           value=None)
     base_record = load_record(exp.system["base"])
     test = load_dataset(base_record.dataset, "test", data_root=exp.system.get("data_root"))
-    data = (test.float_images(), test.labels)
+    inputs, labels = test.float_images(), test.labels.tolist()
     out.mkdir(parents=True, exist_ok=True)
     modes = [m for m in exp.modes if m != "cheap" or exp.system.get("cheap")]
     if len(modes) < len(exp.modes):
         log.warning("skipping mode cheap: no [system] cheap checkpoint")
+    queries, seed, warmup = (int(exp.load.get(key, default)) for key, default in
+                             (("queries", 2000), ("seed", 0), ("warmup", 0)))
+    trials = _trials(exp)
     points_out = []
     for point in exp.points():
-        (out / f"records-{point.label}.csv").unlink(missing_ok=True)
-        stats, latencies = _bench_point(exp, point, modes, base_record, data, out, progress, backend, ray_address)
+        point, specs = _system_specs(exp, point, modes, backend, ray_address)
+        records_path = out / f"records-{point.label}.csv"
+        records_path.unlink(missing_ok=True)
+        sinks = _bench_trials(specs, LoadSpec(queries, point.rate, seed, warmup), trials, inputs, records_path,
+                              progress)
+        stats = {mode: _mode_stats(mode, specs[mode].role_counts(), sinks[mode], labels) for mode in modes}
+        _add_intervals(stats, {mode: trial_counts(sinks[mode]) for mode in modes})
         for mode in modes:
             if on_result:
                 on_result(point.label, mode, stats[mode])
         points_out.append({"point": point.to_json(), "modes": stats})
-        _plot_safely(out, point.label, latencies=latencies)
-    return _finish(exp, out, "bench", points_out, backend=backend)
+        _plot_safely(out, point.label, tails={mode: pooled_latencies(sinks[mode]) for mode in modes})
+    return _finish(exp, out, kind, points_out, trials, backend=next(iter(specs.values())).backend)
 
 
 # ---- simulated runs ------------------------------------------------------------------------
-def _sim_config(sim: dict[str, Any], mode: str, point: Point) -> ServingConfig:
-    return ServingConfig(SIM_QUERY_SHAPE, mode=mode, k=point.k, batch_size=point.batch_size,
-                         stall_timeout_ms=float(sim.get("stall_timeout_ms", 10_000.0)),
-                         deadline_ms=float(sim.get("deadline_ms", 60_000.0)),
-                         max_pending_queries=int(sim.get("max_pending_queries", 1_000_000)),
-                         dispatch=str(sim.get("dispatch", "shared")))
-
-
-def _simulate_point(exp: Experiment, point: Point, service: ServiceModel, m: int) -> tuple[dict, dict]:
+def _simulate_point(exp: Experiment, point: Point, service: ServiceModel, m: int) -> tuple[Point, dict, dict]:
+    """Every trial × mode of one point in the simulator: (the point with its k, stats by mode,
+    pooled histograms by mode)."""
     sim = exp.simulate
     queries = int(sim.get("queries", exp.load.get("queries", 10_000)))
     warmup = int(sim.get("warmup", exp.load.get("warmup", 0)))
     modes = list(sim.get("modes", exp.modes))
-    results: dict[str, list] = {mode: [] for mode in modes}
+    settings = {key: sim[key] for key in SIM_SERVING_KEYS if key in sim}
+    settings.update(k=point.k, batch_size=point.batch_size)
+    configs = {mode: sim_serving_config(mode, settings=settings) for mode in modes}
+    point = dataclasses.replace(point, k=configs[modes[0]].k) if modes else point
+    roles = {mode: instance_roles(mode, m, configs[mode].k) for mode in modes}
+    restart: dict[str, Any] = {"restart_s": float(sim["restart_s"])} if "restart_s" in sim else {}
+    sinks: dict[str, list[Sink]] = {mode: [] for mode in modes}
     wall_s = {mode: 0.0 for mode in modes}
     for trial in range(_trials(exp, sim)):
         faults = trial_faults(point.faults, trial)
         for mode in modes:
             started = time.monotonic()
-            results[mode].append(simulate(
-                _sim_config(sim, mode, point), instance_roles(mode, m, point.k), service, queries=queries,
-                rate_qps=point.rate, faults=faults, seed=int(exp.load.get("seed", 0)) + trial, warmup=warmup,
-                restart_s=float(sim.get("restart_s", 1.0))))
+            sinks[mode].append(simulate(configs[mode], roles[mode], service, queries=queries, rate_qps=point.rate,
+                                        faults=faults, seed=int(exp.load.get("seed", 0)) + trial, warmup=warmup,
+                                        **restart))
             wall_s[mode] += time.monotonic() - started
-    stats: dict[str, dict[str, Any]] = {}
-    hists: dict[str, LatencyHistogram] = {}
-    for mode, trials in results.items():
-        hist = LatencyHistogram()
-        for r in trials:
-            hist.merge(r.histogram)
-        roles = instance_roles(mode, m, point.k)
-        per_trial = [r.summary() for r in trials]
-        stats[mode] = {**_merge_counts(per_trial), "mean_ms": hist.summary()["mean_ms"],
-                       "max_ms": hist.summary()["max_ms"], "mode": mode, "instances": len(roles),
-                       "roles": {r: roles.count(r) for r in sorted(set(roles))}, "trials": len(trials),
-                       "per_trial": [{k: t[k] for k in ("p50_ms", "p99_ms", "p999_ms")} for t in per_trial],
-                       "wall_s": wall_s[mode]}
-        hists[mode] = hist
-    _add_intervals(stats, {mode: TrialCounts.from_histograms([r.histogram for r in trials],
-                                                             [r.failed for r in trials])
-                           for mode, trials in results.items()})
-    return stats, hists
+    stats = {mode: {**_mode_stats(mode, count_roles(roles[mode]), sinks[mode]), "wall_s": wall_s[mode]}
+             for mode in modes}
+    _add_intervals(stats, {mode: trial_counts(sinks[mode]) for mode in modes})
+    return point, stats, {mode: pooled_latencies(sinks[mode]) for mode in modes}
 
 
 def run_simulation(exp: Experiment, out: Path, *, on_result: Callable[[str, str, dict], None] | None = None
@@ -272,17 +226,17 @@ def run_simulation(exp: Experiment, out: Path, *, on_result: Callable[[str, str,
     """Run every point × trial × mode in the cluster simulator; write the outputs into ``out``."""
     sim = exp.simulate
     service = ServiceModel(**sim.get("service", {}))
-    m = int(sim.get("instances", exp.system.get("instances", 2)))
+    m = int(sim.get("instances", exp.system.get("instances", SystemSpec.default("instances"))))
     out.mkdir(parents=True, exist_ok=True)
     points_out = []
     for point in exp.points(simulated=True):
-        stats, hists = _simulate_point(exp, point, service, m)
+        point, stats, tails = _simulate_point(exp, point, service, m)
         for mode in stats:
             if on_result:
                 on_result(point.label, mode, stats[mode])
         points_out.append({"point": point.to_json(), "modes": stats})
-        _plot_safely(out, point.label, histograms=hists)
-    return _finish(exp, out, "simulate", points_out)
+        _plot_safely(out, point.label, tails=tails)
+    return _finish(exp, out, "simulate", points_out, _trials(exp, sim))
 
 
 # ---- outputs -------------------------------------------------------------------------------
@@ -297,12 +251,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _finish(exp: Experiment, out: Path, kind: str, points: list[dict[str, Any]], backend: str = "simulated"
-            ) -> dict[str, Any]:
+def json_summary(summary: dict[str, Any]) -> str:
+    """summary.json's text: strict JSON, a non-finite figure written as null."""
+    return json.dumps(_json_safe(summary), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _finish(exp: Experiment, out: Path, kind: str, points: list[dict[str, Any]], trials: int,
+            backend: str = "simulated") -> dict[str, Any]:
     first = points[0]["modes"] if points else {}
-    summary = {"kind": kind, "experiment": exp.name, "backend": backend, "points": points, "modes": first, **first,
-               "config": exp.to_json(), "interval_method": INTERVAL_METHOD}
-    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, default=str, allow_nan=False) + "\n")
+    summary = {"kind": kind, "experiment": exp.name, "backend": backend, "trials": trials, "points": points,
+               "modes": first, **first, "config": exp.to_json(), "interval_method": INTERVAL_METHOD}
+    (out / "summary.json").write_text(json_summary(summary))
     (out / "experiment.json").write_text(json.dumps(exp.to_json(), indent=2, default=str) + "\n")
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, CSV_FIELDS, extrasaction="ignore")
@@ -327,8 +286,7 @@ def _plot_safely(out: Path, label: str | None, **data: Any) -> None:
     if "points" in data:
         plots.plot_sweep(out, data["points"])
     else:
-        plots.plot_cdf(out / f"cdf-{label}.png", label or "", latencies=data.get("latencies"),
-                       histograms=data.get("histograms"))
+        plots.plot_cdf(out / f"cdf-{label}.png", label or "", data["tails"])
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -343,6 +301,12 @@ def format_with_interval(value: float | None, ci: list | None, digits: int = 2, 
     if ci and value is not None:
         text += f" [{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
     return text
+
+
+def format_progress(label: str, mode: str, stats: dict[str, Any]) -> str:
+    """One line as each mode of a point finishes (the numbers formatted as in the table)."""
+    return (f"  {label:>10s} {mode:10s} instances={stats['instances']:<3d} p50={_fmt(stats['p50_ms'])} ms "
+            f"p99={_fmt(stats['p99_ms'])} ms p99.9={_fmt(stats['p999_ms'])} ms lost={stats['lost']}")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -365,13 +329,13 @@ def format_summary(summary: dict[str, Any]) -> str:
             stats = p["modes"].get(ours, {})
             bases = [k[len("gap_ratio_vs_"):] for k in stats if k.startswith("gap_ratio_vs_") and not k.endswith("_ci")]
             if bases:
+                gap, med = "gap_ratio_vs_", "median_ratio_vs_"
                 lines.append(f"{ours} (p99.9 - p50) smaller than: " + ", ".join(
-                    f"{b} {format_with_interval(stats[f'gap_ratio_vs_{b}'], stats.get(f'gap_ratio_vs_{b}_ci'), unit='x')}"
-                    for b in bases))
+                    f"{b} {format_with_interval(stats[gap + b], stats.get(f'{gap}{b}_ci'), unit='x')}" for b in bases))
                 lines.append(f"{ours} median / baseline median: " + ", ".join(
-                    f"{b} {format_with_interval(stats[f'median_ratio_vs_{b}'], stats.get(f'median_ratio_vs_{b}_ci'), 3)}"
-                    for b in bases))
-        trials = next(iter(p["modes"].values()), {}).get("trials")
+                    f"{b} {format_with_interval(stats[med + b], stats.get(f'{med}{b}_ci'), 3)}" for b in bases))
+        first: dict[str, Any] = next(iter(p["modes"].values()), {})
+        trials = first.get("trials")
         if trials:
             lines.append(f"({trials} trials, each its own fault realisation; [95% paired bootstrap over trials]; "
                          "failed queries count as +inf)")

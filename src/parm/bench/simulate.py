@@ -4,8 +4,8 @@ Nothing about ParM's rules is re-implemented here: :class:`parm.serving.Frontend
 unchanged on a :class:`VirtualTimeLoop`, over :class:`SimBackend`, whose instances are single
 servers (one batch at a time, FIFO) with service times drawn from a :class:`ServiceModel` and
 stretched by the same seeded fault schedules (:mod:`parm.faults`) the real instances use.
-Latencies stream into a :class:`LatencyHistogram`, so memory does not grow with the number of
-queries.
+The load comes from the same open-loop driver as real runs (:mod:`parm.bench.loadgen`), into a
+:class:`HistogramSink`, so memory does not grow with the number of queries.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import torch
 
 from parm.backends.base import Backend, InstanceSpec, ModelRef
 from parm.bench.histogram import LatencyHistogram
-from parm.bench.simloop import run_virtual
-from parm.errors import ConfigError, ServingError
+from parm.bench.loadgen import HistogramSink, answer_timeout_s, drive_open_loop, poisson_gaps_s
+from parm.errors import ConfigError
 from parm.faults import FaultSpec, InstanceFaults
 from parm.serving import Frontend, ServingConfig
+from parm.system import serving_config
+from parm.testing import run_virtual
 
 SIM_CLASSES = 2
 SIM_QUERY_SHAPE = (1,)
@@ -193,108 +195,57 @@ class SimBackend(Backend):
             sim.generation += 1
 
 
-@dataclass
-class SimResult:
-    """One simulated run: latencies of the answered queries, and every query's outcome."""
-
-    histogram: LatencyHistogram
-    sources: dict[str, int]
-    queries: int
-    errors: int
-    lost: int
-    restarts: int
-    virtual_s: float
-    rejected: int = 0
-
-    @property
-    def ok(self) -> int:
-        return self.queries - self.errors - self.rejected - self.lost
-
-    @property
-    def failed(self) -> int:
-        """Queries that count as +∞ in the percentiles (error, rejected or lost)."""
-        return self.errors + self.rejected + self.lost
-
-    def summary(self) -> dict[str, Any]:
-        """Percentiles (nearest rank over the buckets, failed queries as +∞), counts and sources."""
-        kept = max(self.queries, 1)
-        return {**self.histogram.summary(failed=self.failed), "queries": self.queries, "ok": self.ok,
-                "errors": self.errors, "rejected": self.rejected, "lost": self.lost, "sources": self.sources,
-                "reconstructed_fraction": self.sources.get("reconstructed", 0) / kept, "restarts": self.restarts,
-                "virtual_s": self.virtual_s}
+# A simulated cluster is driven up to and past saturation (the load sweeps reach 390 queries/s): its
+# queues may hold work for many seconds of virtual time, and that wait must show in the tail. The
+# serving defaults are set for a live server (fail a query after 10 s, restart an instance silent
+# for 2 s, refuse work past 10,000 pending queries) and would turn that queueing into failures, so
+# simulations run with these instead; docs/EVALUATION.md's figures were simulated with them, and an
+# experiment's [simulate] keys override them.
+SIM_DEADLINE_MS = 60_000.0
+SIM_STALL_TIMEOUT_MS = 10_000.0
+SIM_MAX_PENDING_QUERIES = 1_000_000
 
 
-GRACE_S = 5.0  # past its deadline plus this, a query with no outcome is lost and the run ends
+def sim_serving_config(mode: str, *, settings: dict[str, Any] | None = None) -> ServingConfig:
+    """The ServingConfig of a simulated run: the simulation's deadline, stall timeout and overload
+    limit above, then ``settings`` (ServingConfig fields: an experiment's [simulate] keys and the
+    point's k and batch size); anything else is the dataclass default."""
+    base = {"deadline_ms": SIM_DEADLINE_MS, "stall_timeout_ms": SIM_STALL_TIMEOUT_MS,
+            "max_pending_queries": SIM_MAX_PENDING_QUERIES}
+    return serving_config(SIM_QUERY_SHAPE, mode=mode, settings={**base, **(settings or {})})
 
 
-async def _drive(config: ServingConfig, backend: SimBackend, n: int, rate_qps: float, seed: int, warmup: int,
-                 histogram: LatencyHistogram, overhead_ms: float = 0.0,
-                 frontend_factory: Callable[..., Frontend] = Frontend) -> SimResult:
+async def _run(config: ServingConfig, backend: SimBackend, sink: HistogramSink, *, queries: int, rate_qps: float,
+               seed: int, frontend_factory: Callable[..., Frontend] = Frontend) -> HistogramSink:
+    """The real frontend over ``backend`` on the running (virtual-time) loop, driven open loop."""
     loop = asyncio.get_running_loop()
     frontend = frontend_factory(config, backend, clock=loop.time)  # the frontend's clock is the virtual one too
     await frontend.start()
     frontend.backend.set_time_origin(0.0)
-    rng = np.random.default_rng(seed)
-    query = torch.zeros(*SIM_QUERY_SHAPE)
-    sources: dict[str, int] = {}
-    state = {"outcomes": 0, "errors": 0, "rejected": 0, "closed": False}
-    done = asyncio.Event()
-    start = loop.time()
-
-    def finished(index: int, scheduled: float, future: asyncio.Future) -> None:
-        if state["closed"]:
-            return  # past the cutoff: this query was already counted as lost
-        state["outcomes"] += 1
-        if future.cancelled() or future.exception() is not None:
-            state["errors"] += index >= warmup
-        elif index >= warmup:
-            histogram.record((loop.time() - scheduled) * 1e3 + overhead_ms)
-            source = future.result().source.value
-            sources[source] = sources.get(source, 0) + 1
-        if state["outcomes"] == n:
-            done.set()
-
-    next_t, scheduled = start, start
-    for i in range(n):
-        delay = next_t - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        scheduled, next_t = next_t, next_t + rng.exponential(1.0 / rate_qps)
-        try:
-            future = frontend.submit(query)
-        except ServingError:  # refused (overload): counted as rejected, the schedule goes on
-            state["outcomes"] += 1
-            state["rejected"] += i >= warmup
-            continue
-        future.add_done_callback(lambda f, i=i, t=scheduled: finished(i, t, f))
-    cutoff = scheduled + config.deadline_ms / 1e3 + GRACE_S
-    if state["outcomes"] < n:
-        try:
-            await asyncio.wait_for(done.wait(), max(0.0, cutoff - loop.time()))
-        except asyncio.TimeoutError:
-            pass
-    state["closed"] = True
-    virtual_s = loop.time() - start
+    await drive_open_loop(frontend.submit, [torch.zeros(*SIM_QUERY_SHAPE)], poisson_gaps_s(queries, rate_qps, seed),
+                          sink, answer_timeout_s=answer_timeout_s(config.deadline_ms), clock=loop.time, lead_s=0.0,
+                          min_sleep_s=0.0)  # virtual time: every query exactly on schedule
     await frontend.stop()
-    kept = n - warmup
-    lost = kept - sum(sources.values()) - state["errors"] - state["rejected"]
-    return SimResult(histogram, sources, kept, state["errors"], lost, frontend.backend.restarts, virtual_s,
-                     state["rejected"])
+    sink.restarts = backend.restarts
+    return sink
 
 
 def simulate(config: ServingConfig, roles: list[str], service: ServiceModel, *, queries: int, rate_qps: float,
              faults: FaultSpec | None = None, seed: int = 0, warmup: int = 0, restart_s: float = 1.0,
              histogram: LatencyHistogram | None = None, frontend_factory: Callable[..., Frontend] = Frontend
-             ) -> SimResult:
-    """Run ``queries`` Poisson arrivals through the real frontend over simulated instances.
+             ) -> HistogramSink:
+    """Run ``queries`` Poisson arrivals through the real frontend over simulated instances; the
+    latencies of queries ``warmup``.. (plus the service model's ``overhead_ms``) go into
+    ``histogram`` (a new one by default), their outcomes into the returned sink.
 
     The run ends when every query has an outcome or, at the latest, ``deadline_ms`` + GRACE_S
-    after the last arrival (virtual time); queries without an outcome by then are ``lost``.
-    ``frontend_factory`` builds the frontend (tests pass a deliberately broken one)."""
+    after the last arrival (virtual time, ``elapsed_s``); queries without an outcome by then are
+    ``lost``. ``frontend_factory`` builds the frontend (tests pass a deliberately broken one)."""
     if config.query_shape != SIM_QUERY_SHAPE:
         raise ConfigError(f"simulated queries have shape {SIM_QUERY_SHAPE}; build the ServingConfig with it",
                           field="query_shape", value=config.query_shape)
     backend = SimBackend(roles, service, faults=faults, seed=seed, restart_s=restart_s,
                          horizon_s=max(3600.0, 10 * queries / rate_qps))
-    return run_virtual(_drive(config, backend, queries, rate_qps, seed, warmup, histogram or LatencyHistogram(),
-                              service.overhead_ms, frontend_factory))
+    sink = HistogramSink(warmup, service.overhead_ms, histogram)
+    return run_virtual(_run(config, backend, sink, queries=queries, rate_qps=rate_qps, seed=seed,
+                            frontend_factory=frontend_factory))

@@ -1,7 +1,7 @@
 """The serving frontend: batching, coding groups, encode/dispatch/decode, modes, metrics."""
 
 from parm.serving.config import MODES, ServingConfig, instance_roles
-from parm.serving.frontend import Frontend, QueryRecord
+from parm.serving.frontend import Frontend
 from parm.serving.metrics import ServingMetrics
 from parm.serving.tracker import Answer, Cancel, GroupTracker, Resend
 from parm.serving.types import Prediction, PredictService, Source
@@ -14,7 +14,6 @@ __all__ = [
     "GroupTracker",
     "PredictService",
     "Prediction",
-    "QueryRecord",
     "Resend",
     "ServingConfig",
     "ServingMetrics",

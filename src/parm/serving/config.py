@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,7 @@ class ServingConfig:
         if self.dispatch not in DISPATCH:
             raise ConfigError(f"dispatch must be one of {DISPATCH}; got {self.dispatch!r}", field="dispatch",
                               value=self.dispatch)
-        CodeConfig(self.k, 1, self.encoder)  # validates k and encoder together
+        _ = self.code  # built once here (and cached): validates k and encoder together
         for name in ("batch_size", "max_in_flight", "max_pending_queries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}", field=name, value=getattr(self, name))
@@ -72,9 +73,17 @@ class ServingConfig:
             raise ConfigError(f"hedge_percentile must be in (0, 100); got {self.hedge_percentile}",
                               field="hedge_percentile", value=self.hedge_percentile)
 
-    @property
+    @functools.cached_property
     def code(self) -> CodeConfig:
+        """The code the frontend encodes and decodes with: k, r = 1 (one parity per group), encoder.
+        Cached: a frozen dataclass without slots keeps it in the instance dict, outside the fields."""
         return CodeConfig(self.k, 1, self.encoder)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name``: the one place serving defaults are stated (the CLI's help
+        text and experiment files read it from here instead of repeating it)."""
+        return cls.__dataclass_fields__[name].default
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

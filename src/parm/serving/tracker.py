@@ -195,13 +195,6 @@ class GroupTracker:
         actions = [] if self._can_still_decode(group) else self._resend_failed(group)
         return self._after_change(group, actions)
 
-    def note_resend(self, batch_id: int) -> None:
-        """The frontend sent this batch again on its own (retry timer, hedge): its original
-        output, whichever copy brings it, is then reported as retried."""
-        member, _ = self._lookup(batch_id)
-        if member is not None:
-            member.resent = True
-
     def expire(self, batch_id: int) -> list[Action]:
         """The batch's deadline passed: answer it with an error (if it has no answer yet)."""
         member, group = self._lookup(batch_id)

@@ -1,4 +1,7 @@
-"""A virtual-time asyncio event loop: the real frontend, run at simulation speed.
+"""Time you control, for tests and the simulator: a virtual-time asyncio loop and a manual clock.
+
+The simulator (``parm.bench.simulate``) and the frontend's unit tests both run on
+``VirtualTimeLoop``: the real frontend, at simulation speed, with no wall-clock sleep.
 
 ``VirtualTimeLoop`` is a standard selector event loop whose clock is a number it advances
 itself: when the loop would block until its next timer, the selector instead moves the
@@ -62,6 +65,19 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def advance(self, seconds: float) -> None:
         if seconds > 0:
             self._virtual_now += seconds
+
+
+class ManualClock:
+    """A clock that moves only when told: ``clock()`` reads it, ``clock.advance(s)`` moves it."""
+
+    def __init__(self, start_s: float = 100.0) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
 
 
 def run_virtual(coro: Any) -> Any:

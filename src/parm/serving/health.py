@@ -1,0 +1,42 @@
+"""Instance health seen from the frontend: the stall watchdog, the gauges it refreshes, and
+the ``/healthz`` report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from parm.serving.frontend import Frontend
+
+log = logging.getLogger(__name__)
+
+STALL_CHECK_S = 0.05
+
+
+async def watch_stalls(frontend: Frontend) -> None:
+    """Forever: kill an instance silent on a batch for ``stall_timeout_ms`` (the backend
+    restarts it and the frontend recovers its work), and refresh the queue gauges."""
+    config, dispatcher, metrics = frontend.config, frontend.dispatcher, frontend.metrics
+    timeout_s = config.stall_timeout_ms / 1e3
+    while True:
+        await asyncio.sleep(STALL_CHECK_S)
+        for instance_id in dispatcher.stalled(frontend.clock(), timeout_s):
+            log.warning("instance %d has not answered for %.1f s; killing it", instance_id, timeout_s)
+            frontend.backend.kill(instance_id, f"no answer within stall_timeout_ms={config.stall_timeout_ms}")
+        for role in ("data", "parity", "cheap"):
+            if dispatcher.has_role(role):
+                metrics.queue_depth.labels(role).set(dispatcher.depth(role))
+        metrics.pending_queries.set(frontend.pending_queries())
+
+
+def health_report(frontend: Frontend) -> dict[str, Any]:
+    """``ok`` while some data instance is healthy; every instance with its queue and in-flight work."""
+    backend, dispatcher = frontend.backend, frontend.dispatcher
+    instances = [{"id": s.instance_id, "role": s.role, "healthy": backend.healthy(s.instance_id),
+                  "in_flight": len(dispatcher.instances[s.instance_id].in_flight), "queued": dispatcher.depth(s.role)}
+                 for s in backend.instances]
+    data_ok = any(i["healthy"] for i in instances if i["role"] == "data")
+    return {"ok": data_ok, "mode": frontend.config.mode, "instances": instances,
+            "pending_queries": frontend.pending_queries(), "queue_depth": dispatcher.depth("data")}
