@@ -116,7 +116,7 @@ def p50_coded_vs_none(queries: int, rate: float) -> dict[str, float]:
         models = {"data": ModelRef(factory="parm.models.toy:linear", kwargs={"in_shape": SHAPE}),
                   "parity": ModelRef(factory="parm.models.toy:linear_parity", kwargs={"in_shape": SHAPE})}
 
-        def factory(specs: list[InstanceSpec], faults: Any) -> Backend:
+        def factory(specs: list[InstanceSpec], models: dict[str, ModelRef] = models) -> Backend:
             return LocalBackend([InstanceSpec(s.instance_id, s.role, models[s.role], s.emulated_ms) for s in specs])
 
         summary = summarize([asyncio.run(run_mode(spec, torch.randn(256, *SHAPE), LoadSpec(queries, rate, 0, 200),
@@ -145,7 +145,8 @@ def main() -> None:
     print("3. sustained queries/s, batch size 1, trivial models, 64 queries in flight")
     for backend in ("instant", "local"):
         for mode in ("none", "coded"):
-            print(f"   {backend:7s} backend, {mode:5s}: {max_throughput(mode, backend, 20000 if backend == 'instant' else 5000):8.0f} q/s")
+            rate = max_throughput(mode, backend, 20000 if backend == "instant" else 5000)
+            print(f"   {backend:7s} backend, {mode:5s}: {rate:8.0f} q/s")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from parm.coding import CodeConfig
@@ -33,8 +33,8 @@ from parm.data import load_dataset, train_val_split
 from parm.models import build_model
 from parm.training.config import OptimConfig, ParityConfig
 from parm.training.loop import make_optimizer
-from parm.training.parity import CodedData, _batches, parity_inputs, parity_targets
 from parm.training.outputs import model_outputs
+from parm.training.parity import CodedData, _batches, parity_inputs, parity_targets
 
 
 class PerSampleGroups(Dataset):

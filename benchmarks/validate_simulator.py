@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -25,8 +26,8 @@ import torch
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.bench import LoadSpec, run_mode, summarize
-from parm.bench.simulate import SIM_QUERY_SHAPE, ServiceModel, simulate
 from parm.bench.histogram import LatencyHistogram
+from parm.bench.simulate import SIM_QUERY_SHAPE, ServiceModel, simulate
 from parm.faults import parse_fault_spec
 from parm.serving import Frontend, ServingConfig, instance_roles
 from parm.system import SystemSpec
@@ -38,9 +39,9 @@ MODELS = {"data": ModelRef(factory="parm.models.toy:linear", kwargs={"in_shape":
           "parity": ModelRef(factory="parm.models.toy:linear_parity", kwargs={"in_shape": SHAPE})}
 
 
-def _backend(specs: list[InstanceSpec], faults) -> LocalBackend:
-    return LocalBackend([InstanceSpec(s.instance_id, s.role, MODELS[s.role], EMULATED_MS) for s in specs],
-                        faults=faults)
+def _backend(specs: list[InstanceSpec]) -> LocalBackend:
+    """The spec's instances (with their fault schedules) running the toy models."""
+    return LocalBackend([dataclasses.replace(s, model=MODELS[s.role], emulated_ms=EMULATED_MS) for s in specs])
 
 
 async def measure_service_ms(n: int = 400) -> list[float]:

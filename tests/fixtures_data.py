@@ -210,7 +210,7 @@ def write_image_folder(
     root = Path(root)
     rng = np.random.default_rng(seed)
     channels = 3 if mode == "RGB" else 1
-    for label, name in enumerate(classes):
+    for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
         base = rng.integers(0, 256, size=(size_hw[0], size_hw[1], channels))
         for i in range(per_class):

@@ -1,13 +1,13 @@
 """ParM: parity models for resilient ML prediction serving (Kosaian, Rashmi, Venkataraman, SOSP 2019)."""
 
-__version__ = "0.1.0"
-
-from parm.coding import CodeConfig, decode, encode, reconstruct_each  # noqa: E402
-from parm.data import ArrayDataset, load_dataset, resolve_data_root  # noqa: E402
-from parm.errors import (  # noqa: E402
-    ChecksumError,
+from parm._version import __version__
+from parm.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
+from parm.coding import CodeConfig, decode, encode, reconstruct_each
+from parm.data import ArrayDataset, load_dataset, resolve_data_root
+from parm.errors import (
     CheckpointError,
     CheckpointMismatchError,
+    ChecksumError,
     ConfigError,
     DataError,
     NonFiniteLossError,
@@ -15,18 +15,15 @@ from parm.errors import (  # noqa: E402
     ShapeError,
     TrainingError,
 )
-from parm.models import build_model  # noqa: E402
-from parm.serving import Frontend, Prediction, ServingConfig, Source  # noqa: E402
-from parm.training import (  # noqa: E402
+from parm.models import build_model
+from parm.serving import Frontend, Prediction, ServingConfig, Source
+from parm.training import (
     EvalResult,
-    ModelRecord,
     OptimConfig,
     ParityConfig,
     base_recipe,
     evaluate,
-    load_checkpoint,
     parity_recipe,
-    save_checkpoint,
     train_base,
     train_parity,
 )

@@ -7,8 +7,9 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from parm.errors import ConfigError, ParmError
 

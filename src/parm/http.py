@@ -209,7 +209,10 @@ def _from_base64_objects(objs: list, qshape: tuple[int, ...], limits: HttpLimits
             raise BadQueryError(f"{field} is {_kind(obj)}; inputs[0] is a base64 object, so every element must be "
                                 'one: {"data": BASE64_FLOAT32_LE, "shape": [...]}', field=field)
         arr = _one_base64(obj, field, qshape, limits, already=total)
-        _check_finite(arr, lambda i, f=field, t=total: f"{f}.data query {i} (query {t + i} of the request)")
+        def where(i: int, f: str = field, t: int = total) -> str:
+            return f"{f}.data query {i} (query {t + i} of the request)"
+
+        _check_finite(arr, where)
         total += arr.shape[0]
         parts.append(arr)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)  # K x (n_k, *qshape) -> (N, *qshape)
@@ -505,9 +508,9 @@ def _uvicorn() -> Any:
 
 @functools.cache
 def _server_class() -> type:
-    uvicorn = _uvicorn()
+    server_base: Any = _uvicorn().Server
 
-    class _Server(uvicorn.Server):
+    class _Server(server_base):
         """uvicorn's server, calling ``on_ready(host, port)`` once it listens."""
 
         def __init__(self, config: Any, on_ready: Callable[[str, int], None] | None) -> None:

@@ -10,16 +10,17 @@ import asyncio
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.backends.base import Backend
+from parm.checkpoint import ModelRecord, check_parity_matches, load_record
 from parm.errors import CheckpointMismatchError, ConfigError
-from parm.faults import FaultSpec
+from parm.faults import DEFAULT_HORIZON_S, FaultSpec, instance_schedules
 from parm.serving import Frontend, ServingConfig, ServingMetrics, instance_roles
-from parm.training.checkpoint import ModelRecord, check_parity_matches, load_record
 
 log = logging.getLogger(__name__)
 
@@ -169,33 +170,41 @@ def _check_cheap(base: ModelRecord, cheap: ModelRecord, path: str) -> None:
 
 
 def instance_specs(spec: SystemSpec) -> list[InstanceSpec]:
-    """One InstanceSpec per role; the approximate model's emulated time is 1/k of the others'
-    (it stands for a model k times cheaper)."""
+    """One InstanceSpec per role, each with its own fault schedule; the approximate model's
+    emulated time is 1/k of the others' (it stands for a model k times cheaper)."""
     models = {"data": spec.base, "parity": spec.parity, "cheap": spec.cheap}
     emulated = {"data": spec.emulated_ms, "parity": spec.emulated_ms, "cheap": spec.emulated_ms / spec.serving.k}
-    return [InstanceSpec(i, role, ModelRef(checkpoint=str(models[role])), emulated[role])
-            for i, role in enumerate(spec.roles())]
-
-
-def build_system(spec: SystemSpec, *, backend_factory: Callable[[list[InstanceSpec], FaultSpec | None], Backend]
-                 | None = None, metrics: ServingMetrics | None = None) -> Frontend:
-    """A frontend (not started) over a backend running the spec's instances."""
-    specs = instance_specs(spec)
+    specs = [InstanceSpec(i, role, ModelRef(checkpoint=str(models[role])), emulated[role])
+             for i, role in enumerate(spec.roles())]
     if spec.faults is not None:
         spec.faults.check_instances(len(specs))
-    backend = (backend_factory or default_backend_factory(spec))(specs, spec.faults)
+    return with_faults(specs, spec.faults)
+
+
+def with_faults(specs: list[InstanceSpec], faults: FaultSpec | None,
+                horizon_s: float = DEFAULT_HORIZON_S) -> list[InstanceSpec]:
+    """``specs`` with instance i given its schedule under ``faults`` (built once, here: backends
+    only run the schedule they are handed)."""
+    schedules = instance_schedules(faults, len(specs), horizon_s)
+    return [dataclasses.replace(s, faults=schedules[s.instance_id]) for s in specs]
+
+
+def build_system(spec: SystemSpec, *, backend_factory: Callable[[list[InstanceSpec]], Backend] | None = None,
+                 metrics: ServingMetrics | None = None) -> Frontend:
+    """A frontend (not started) over a backend running the spec's instances."""
+    backend = (backend_factory or default_backend_factory(spec))(instance_specs(spec))
     return Frontend(spec.serving, backend, metrics=metrics)
 
 
-def default_backend_factory(spec: SystemSpec) -> Callable[[list[InstanceSpec], FaultSpec | None], Backend]:
+def default_backend_factory(spec: SystemSpec) -> Callable[[list[InstanceSpec]], Backend]:
     """The spec's backend: local processes, or Ray Serve (which needs the ``ray`` extra)."""
     if spec.backend == "local":
-        return lambda specs, faults: LocalBackend(specs, faults=faults)
+        return LocalBackend
     try:
         from parm.backends.ray_serve import RayServeBackend
     except ImportError as exc:
         raise ConfigError(str(exc), field="backend", value="ray") from None
-    return lambda specs, faults: RayServeBackend(specs, faults=faults, address=spec.ray_address)
+    return lambda specs: RayServeBackend(specs, address=spec.ray_address)
 
 
 async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callable[[str, int], None] | None = None,

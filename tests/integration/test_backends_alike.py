@@ -18,6 +18,7 @@ from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.faults import parse_fault_spec
 from parm.models.toy import linear
 from parm.serving import Frontend, ServingConfig, Source, instance_roles
+from parm.system import with_faults
 from steady_load import serve_all, settled
 
 SHAPE = (1, 28, 28)
@@ -37,13 +38,13 @@ def toy_specs(k: int = 2, m: int = 2) -> list[InstanceSpec]:
 
 
 def make_backend(name: str, fault: str, request: pytest.FixtureRequest):
-    faults = parse_fault_spec(FAULTS[fault])
+    specs = with_faults(toy_specs(), parse_fault_spec(FAULTS[fault]))
     if name == "local":
-        return LocalBackend(toy_specs(), faults=faults)
+        return LocalBackend(specs)
     request.getfixturevalue("ray_cluster")  # skips with the install hint where Ray is missing
     from parm.backends.ray_serve import RayServeBackend
 
-    return RayServeBackend(toy_specs(), faults=faults)
+    return RayServeBackend(specs)
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))

@@ -23,8 +23,7 @@ from steady_load import serve_all, settled
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install \"parm-serving[ray]\"")
 
-from parm.backends.ray_serve import (  # noqa: E402
-    SERVE_NAMESPACE, RayServeBackend, _portable, check_reachable)
+from parm.backends.ray_serve import SERVE_NAMESPACE, RayServeBackend, _portable, check_reachable  # noqa: E402
 from parm.errors import ConfigError, InstanceFailedError  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
@@ -128,7 +127,7 @@ def test_checkpoints_travel_to_replicas_as_bytes(tiny_checkpoints: tuple[Path, P
     spec = _portable(InstanceSpec(0, "data", ModelRef(checkpoint=str(base))))
     assert spec.model.checkpoint is None and "record.json" in spec.model.kwargs["files"]
     model = spec.model.build()
-    from parm.training.checkpoint import load_checkpoint
+    from parm.checkpoint import load_checkpoint
 
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(model(x), load_checkpoint(base)[0](x))

@@ -22,6 +22,7 @@ from parm.coding import CodeConfig, encode, reconstruct_each
 from parm.faults import parse_fault_spec
 from parm.models.toy import linear
 from parm.serving import Frontend, Prediction, ServingConfig, Source, instance_roles
+from parm.system import with_faults
 
 SHAPE = (1, 28, 28)
 N_QUERIES = 2000
@@ -97,7 +98,7 @@ def test_sigkill_of_a_data_instance_loses_nothing() -> None:
 def test_stalled_instance_is_detected_and_nothing_is_lost() -> None:
     torch.manual_seed(1)
     queries = torch.randn(N_QUERIES, *SHAPE)
-    backend = LocalBackend(_toy_specs("coded", 2, 2), faults=parse_fault_spec("stall:instance=1,at_s=2"))
+    backend = LocalBackend(with_faults(_toy_specs("coded", 2, 2), parse_fault_spec("stall:instance=1,at_s=2")))
     frontend = Frontend(ServingConfig(SHAPE, mode="coded", k=2, stall_timeout_ms=500), backend)
     results = asyncio.run(_run(frontend, queries))
     _check_all_answered_exactly(results, queries, frontend)
@@ -108,7 +109,7 @@ def test_answers_are_exact_through_kill_for_linear_models() -> None:
     """Original and reconstructed answers both equal F(x) = Wx + b (exact parity model)."""
     torch.manual_seed(2)
     queries = torch.randn(600, *SHAPE)
-    backend = LocalBackend(_toy_specs("coded", 2, 2), faults=parse_fault_spec("crash:instance=0,at_s=0.7"))
+    backend = LocalBackend(with_faults(_toy_specs("coded", 2, 2), parse_fault_spec("crash:instance=0,at_s=0.7")))
     frontend = Frontend(ServingConfig(SHAPE, mode="coded", k=2), backend)
     got: dict[int, Prediction] = {}
     results = asyncio.run(_run(frontend, queries, got=got))
@@ -122,7 +123,7 @@ def test_answers_are_exact_through_kill_for_linear_models() -> None:
 
 def test_served_reconstructions_equal_offline_decoder(tiny_checkpoints: tuple[Path, Path]) -> None:
     """Same checkpoints, same groups: the serving path's decoded scores equal reconstruct_each's."""
-    from parm.training import load_checkpoint
+    from parm.checkpoint import load_checkpoint
 
     base_dir, parity_dir = tiny_checkpoints
     base_model, base = load_checkpoint(base_dir)
@@ -131,7 +132,7 @@ def test_served_reconstructions_equal_offline_decoder(tiny_checkpoints: tuple[Pa
     specs = [InstanceSpec(i, r, ModelRef(checkpoint=str(parity_dir if r == "parity" else base_dir)))
              for i, r in enumerate(roles)]
     # instance 1 is always very slow, so its batches are answered by the decoder
-    backend = LocalBackend(specs, faults=parse_fault_spec("delay:mean_ms=300,dist=const,instances=1"))
+    backend = LocalBackend(with_faults(specs, parse_fault_spec("delay:mean_ms=300,dist=const,instances=1")))
     frontend = Frontend(ServingConfig(tuple(base.in_shape), mode="coded", k=2, stall_timeout_ms=5000), backend)
     torch.manual_seed(3)
     queries = torch.randn(40, *base.in_shape)

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from parm.errors import CheckpointError, CheckpointMismatchError
-from parm.models import build_model
-from parm.training.checkpoint import (
+from parm.checkpoint import (
     ModelRecord,
     check_parity_matches,
     load_checkpoint,
     load_record,
     save_checkpoint,
 )
+from parm.errors import CheckpointError, CheckpointMismatchError
+from parm.models import build_model
 
 
 def _record(kind: str = "base", **kw) -> ModelRecord:

@@ -159,6 +159,6 @@ def test_subtract_matches_general_decoder(k: int) -> None:
     out = torch.randn(5, k, 7)  # (B, k, C)
     parity = out.sum(dim=1)  # (B, C)
     for j in range(k):
-        known = [out[:, l] for l in range(k) if l != j]
+        known = [out[:, i] for i in range(k) if i != j]
         torch.testing.assert_close(subtract(code, parity, known, j), out[:, j], rtol=1e-5, atol=1e-5)
-    assert subtract(code, parity, [out[:, l] for l in range(1, k)], 0) is not parity  # never in place
+    assert subtract(code, parity, [out[:, i] for i in range(1, k)], 0) is not parity  # never in place

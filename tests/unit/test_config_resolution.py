@@ -21,11 +21,11 @@ from parm.bench.simulate import (
     SIM_STALL_TIMEOUT_MS,
     sim_serving_config,
 )
+from parm.checkpoint import RECORD_FILE, ModelRecord
 from parm.errors import CheckpointMismatchError, ConfigError
 from parm.faults import parse_fault_spec
 from parm.serving import ServingConfig
 from parm.system import SystemSpec, resolve_system
-from parm.training.checkpoint import RECORD_FILE, ModelRecord
 
 SRC = Path(parm.__file__).parent
 REPO = SRC.parent.parent

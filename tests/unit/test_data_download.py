@@ -10,8 +10,8 @@ import shutil
 import socket
 import tarfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

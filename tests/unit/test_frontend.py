@@ -1,4 +1,4 @@
-"""The serving frontend over a fake backend with knobs (tests/unit/fakes.py).
+"""The serving frontend over a fake backend with knobs (tests/fakes.py).
 
 Instances run ``parm.models.toy.linear`` (data), its exact addition-code parity model
 ``linear_parity`` (parity) and a differently seeded linear model (cheap), so every answer —
@@ -88,7 +88,7 @@ async def answers(futures, timeout_s: float = WAIT_S) -> list:
 def assert_true_scores(preds: list[Prediction], qs: torch.Tensor) -> None:
     for i, (pred, q) in enumerate(zip(preds, qs)):
         assert isinstance(pred, Prediction), f"query {i} failed: {pred!r}"
-        torch.testing.assert_close(pred.scores, truth(q), **TOL, msg=lambda m: f"query {i} ({pred.source}): {m}")
+        torch.testing.assert_close(pred.scores, truth(q), **TOL, msg=lambda m, i=i, pred=pred: f"query {i} ({pred.source}): {m}")
         assert pred.label == int(truth(q).argmax())
 
 

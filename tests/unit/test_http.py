@@ -159,7 +159,7 @@ def test_bools_are_found_in_utf16_bodies_too() -> None:
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e39", "-3.5e38"])
 def test_non_finite_list_values_are_422(token) -> None:
-    raw = ('{"inputs": [[0,0,0,0,0,0], [1,2,%s,4,5,6]]}' % token).encode()
+    raw = ('{"inputs": [[0,0,0,0,0,0], [1,2,' + token + ',4,5,6]]}').encode()
     err = rejected(raw)
     assert err.status == 422 and "inputs[1] has a non-finite value" in str(err) and "flat index 2" in str(err)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from parm.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
 from parm.errors import CheckpointMismatchError, NonFiniteLossError
-from parm.training.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
 from parm.training.config import OptimConfig
 from parm.training.loop import FitSpec, fit, lr_at
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from parm.errors import ConfigError
+from parm.faults import InstanceFaults
 
 ROLES: tuple[str, ...] = ("data", "parity", "cheap")
 
@@ -41,7 +43,7 @@ class ModelRef:
 
     def build(self) -> nn.Module:
         if self.checkpoint is not None:
-            from parm.training.checkpoint import load_checkpoint
+            from parm.checkpoint import load_checkpoint
 
             return load_checkpoint(self.checkpoint)[0]
         module_name, _, attr = str(self.factory).partition(":")
@@ -50,12 +52,13 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """One model instance: its id (position in the backend's list), role and model."""
+    """One model instance: its id (position in the backend's list), role, model and injected faults."""
 
     instance_id: int
     role: str
     model: ModelRef
     emulated_ms: float = 0.0  # extra service time per batch, emulating an accelerator (documented as such)
+    faults: InstanceFaults | None = None  # this instance's fault schedule (built by the system wiring)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -83,12 +86,12 @@ class Backend(abc.ABC):
     def kill(self, instance_id: int, reason: str) -> None:
         """Stop the instance at once (it is restarted; on_failure reports the kill)."""
 
-    def cancel(self, instance_id: int, work_id: int) -> None:
+    def cancel(self, instance_id: int, work_id: int) -> None:  # noqa: B027 (optional: a no-op by default)
         """Best effort: the frontend no longer needs this in-flight work (its batch was answered
         otherwise). Its outcome may still arrive, or arrive as an error; either is ignored.
         Transports that cannot take back a sent request (the local pipes) do nothing."""
 
-    def set_time_origin(self, t0_wall_s: float) -> None:
+    def set_time_origin(self, t0_wall_s: float) -> None:  # noqa: B027 (optional: a no-op by default)
         """Fault schedules count time from this wall-clock instant (default: when start() began)."""
 
     @abc.abstractmethod

@@ -18,7 +18,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,12 +34,12 @@ _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "parm.backends.worker"])
 
 
-def _child_main(conn: Any, spec: InstanceSpec, faults: Any, t0_wall_s: float) -> None:
+def _child_main(conn: Any, spec: InstanceSpec, t0_wall_s: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
     from parm.backends.worker import serve_forever
 
-    serve_forever(conn, spec, faults, t0_wall_s)
+    serve_forever(conn, spec, t0_wall_s)
 
 
 @dataclass
@@ -58,11 +58,8 @@ class _Slot:
 class LocalBackend(Backend):
     """Instances as local processes (see module docstring)."""
 
-    def __init__(self, instances: list[InstanceSpec], *, faults: Any | None = None, horizon_s: float = 3600.0,
-                 start_timeout_s: float = 120.0) -> None:
+    def __init__(self, instances: list[InstanceSpec], *, start_timeout_s: float = 120.0) -> None:
         self.instances = list(instances)
-        self.fault_spec = faults
-        self.horizon_s = horizon_s
         self.start_timeout_s = start_timeout_s
         self.t0_wall_s = time.time()
         self._slots: dict[int, _Slot] = {}
@@ -87,21 +84,11 @@ class LocalBackend(Backend):
                 f"and the log of the worker processes", instance=-1,
             ) from None
 
-    def _faults_for(self, instance_id: int) -> Any:
-        if self.fault_spec is None:
-            return None
-        import dataclasses
-
-        from parm.faults import InstanceFaults
-
-        faults = InstanceFaults.build(self.fault_spec, instance_id, self.horizon_s, n_instances=len(self.instances))
-        if instance_id in self._crashed:  # an injected crash fires once per run
-            faults = dataclasses.replace(faults, crash_at_s=None)
-        return faults
-
     def _spawn(self, spec: InstanceSpec) -> None:
+        if spec.faults is not None and spec.instance_id in self._crashed:
+            spec = replace(spec, faults=spec.faults.after_crash())  # a crash fires once per run
         parent, child = _CTX.Pipe(duplex=True)
-        process = _CTX.Process(target=_child_main, args=(child, spec, self._faults_for(spec.instance_id), self.t0_wall_s),
+        process = _CTX.Process(target=_child_main, args=(child, spec, self.t0_wall_s),
                                daemon=True, name=f"parm-instance-{spec.instance_id}")
         process.start()
         child.close()

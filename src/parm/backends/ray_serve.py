@@ -73,7 +73,7 @@ _started_local = threading.Event()  # this process started a local Ray cluster (
 # ---- replica side -----------------------------------------------------------------------------
 def packed_checkpoint(files: dict[str, bytes]) -> nn.Module:
     """Rebuild a model from the files of a checkpoint folder (``ModelRef`` factory, used in replicas)."""
-    from parm.training.checkpoint import load_checkpoint
+    from parm.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="parm-ckpt-") as tmp:
         for name, data in files.items():
@@ -102,9 +102,9 @@ class InstanceReplica:
     checks, the watch stream and cancellations; a batch cancelled while it waits is never run.
     """
 
-    def __init__(self, spec: InstanceSpec, faults: Any | None, t0_wall_s: float) -> None:
+    def __init__(self, spec: InstanceSpec, t0_wall_s: float) -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
-        self.runner = ModelRunner(spec, faults, t0_wall_s)
+        self.runner = ModelRunner(spec, t0_wall_s)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="parm-model")
         self.released: asyncio.Event | None = None
         self.crash_timer: threading.Timer | None = None
@@ -243,20 +243,18 @@ class RayServeBackend(Backend):
     ``address``: a running cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``), or None to
     start a local one (or use the one this process already connected to). ``num_cpus``: CPUs
     each replica reserves (default: 1 on a cluster given by ``address``; none on the local
-    cluster, where all replicas share this machine's cores whatever they reserve). ``stop`` deletes this backend's applications and leaves Ray running,
-    so several backends in one process (``parm bench`` runs one per mode) share one cluster; a
-    local cluster this process started stops at exit, or at :func:`shutdown_cluster`.
+    cluster, where all replicas share this machine's cores whatever they reserve). ``stop``
+    deletes this backend's applications and leaves Ray running, so several backends in one
+    process (``parm bench`` runs one per mode) share one cluster; a local cluster this process
+    started stops at exit, or at :func:`shutdown_cluster`.
     """
 
-    def __init__(self, instances: list[InstanceSpec], *, faults: Any | None = None, horizon_s: float = 3600.0,
-                 address: str | None = None, num_cpus: float | None = None, request_timeout_s: float = 60.0,
-                 start_timeout_s: float = 300.0) -> None:
+    def __init__(self, instances: list[InstanceSpec], *, address: str | None = None, num_cpus: float | None = None,
+                 request_timeout_s: float = 60.0, start_timeout_s: float = 300.0) -> None:
         if request_timeout_s <= 0 or start_timeout_s <= 0 or (num_cpus is not None and num_cpus < 0):
             raise ConfigError("request_timeout_s and start_timeout_s must be > 0 and num_cpus >= 0",
                               field="ray", value=(request_timeout_s, start_timeout_s, num_cpus))
         self.instances = list(instances)
-        self.fault_spec = faults
-        self.horizon_s = horizon_s
         self.address = address
         self.num_cpus = num_cpus
         self.request_timeout_s = request_timeout_s
@@ -293,12 +291,11 @@ class RayServeBackend(Backend):
         targets = []
         for inst in self._state.values():
             spec = inst.spec
-            deployment = serve.deployment(InstanceReplica).options(
+            deployment = serve.deployment(
                 name=f"parm-{spec.role}-{spec.instance_id}", num_replicas=1, max_ongoing_requests=MAX_ONGOING,
                 ray_actor_options={"num_cpus": self.num_cpus}, graceful_shutdown_timeout_s=1.0,
-                graceful_shutdown_wait_loop_s=0.2, health_check_period_s=2.0)
-            targets.append(RunTarget(target=deployment.bind(_portable(spec), self._faults_for(spec.instance_id),
-                                                            self.t0_wall_s), name=inst.app, route_prefix=None))
+                graceful_shutdown_wait_loop_s=0.2, health_check_period_s=2.0)(InstanceReplica)
+            targets.append(RunTarget(target=deployment.bind(_portable(spec), self.t0_wall_s), name=inst.app, route_prefix=None))
         self._deployed = True
         handles = await asyncio.to_thread(serve.run_many, targets, wait_for_ingress_deployment_creation=False,
                                           wait_for_applications_running=False)  # we wait, with our deadline
@@ -318,17 +315,10 @@ class RayServeBackend(Backend):
                 state = None if app is None else str(getattr(app.status, "value", app.status))
                 if state == "RUNNING":
                     waiting.discard(name)
-                elif state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                elif app is not None and state in ("DEPLOY_FAILED", "UNHEALTHY"):
                     raise InstanceFailedError(f"Serve could not deploy {name}: {app.message}", instance=-1)
             if waiting:
                 await asyncio.sleep(0.25)
-
-    def _faults_for(self, instance_id: int) -> Any:
-        if self.fault_spec is None:
-            return None
-        from parm.faults import InstanceFaults
-
-        return InstanceFaults.build(self.fault_spec, instance_id, self.horizon_s, n_instances=len(self.instances))
 
     async def stop(self) -> None:
         self._stopping = True

@@ -34,9 +34,9 @@ class Channel(Protocol):
 class ModelRunner:
     """Runs one batch through the instance's model, applying faults and emulated time."""
 
-    def __init__(self, spec: InstanceSpec, faults: Any | None, t0_wall_s: float) -> None:
+    def __init__(self, spec: InstanceSpec, t0_wall_s: float) -> None:
         torch.set_num_threads(1)
-        self.spec, self.faults, self.t0_wall_s = spec, faults, t0_wall_s
+        self.spec, self.faults, self.t0_wall_s = spec, spec.faults, t0_wall_s
         self.model = spec.model.build()
         self.seq = 0
         self.set_origin(t0_wall_s)
@@ -45,17 +45,13 @@ class ModelRunner:
         """Count fault time from ``t0_wall_s``; faults already past for this process never fire."""
         self.t0_wall_s = t0_wall_s
         self.started_s = self.now_s()
-        crash = getattr(self.faults, "crash_at_s", None)
-        self.crash_at_s = crash if crash is not None and crash > self.started_s else None
+        self.crash_at_s = None if self.faults is None else self.faults.crash_after(self.started_s)
 
     def now_s(self) -> float:
         return time.time() - self.t0_wall_s
 
     def stalled(self) -> bool:
-        if self.faults is None:
-            return False
-        window = self.faults.stall_window(self.now_s())
-        return window is not None and window[0] >= self.started_s
+        return self.faults is not None and self.faults.stalls_at(self.now_s(), self.started_s)
 
     @torch.inference_mode()
     def run(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
@@ -84,9 +80,9 @@ def _wait_for_request(conn: Channel, runner: ModelRunner) -> bool:
     return True
 
 
-def serve_forever(conn: Channel, spec: InstanceSpec, faults: Any | None, t0_wall_s: float) -> None:
+def serve_forever(conn: Channel, spec: InstanceSpec, t0_wall_s: float) -> None:
     """The worker loop: load the model, say ready, answer requests until told to stop."""
-    runner = ModelRunner(spec, faults, t0_wall_s)
+    runner = ModelRunner(spec, t0_wall_s)
     conn.send(("ready", spec.instance_id, os.getpid()))
     while _wait_for_request(conn, runner):
         msg = conn.recv()

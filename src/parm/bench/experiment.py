@@ -61,7 +61,7 @@ from parm.system import SERVING_KEYS, SYSTEM_KEYS
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef,unused-ignore]
 
 SWEEPS = ("rates", "ks", "batch_sizes", "slow_rates_hz")
 # [system]: the serving settings and the system's own (both read from their dataclasses), one parity

@@ -8,7 +8,7 @@ Histograms of different trials merge by adding counts.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -17,8 +17,8 @@ A ratio of tail gaps is *undefined* (``None``) when its denominator is not finit
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

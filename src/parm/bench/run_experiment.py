@@ -34,8 +34,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -158,8 +159,8 @@ def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
     """Run every point × trial × mode on the real system (``backend``: local processes or Ray
     Serve deployments; None: the default); write the outputs into ``out``. ``kind`` labels the
     summary (``parm demo`` runs its experiment through here as ``demo``)."""
+    from parm.checkpoint import load_record
     from parm.data import load_dataset
-    from parm.training.checkpoint import load_record
 
     if "base" not in exp.system:
         raise ConfigError(f"{exp.source}: [system] needs base = CHECKPOINT for parm bench", field="system.base",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from parm.backends.base import Backend, InstanceSpec, ModelRef
 from parm.bench.histogram import LatencyHistogram
 from parm.bench.loadgen import HistogramSink, answer_timeout_s, drive_open_loop, poisson_gaps_s
 from parm.errors import ConfigError
-from parm.faults import FaultSpec, InstanceFaults
+from parm.faults import DEFAULT_HORIZON_S, FaultSpec, InstanceFaults, instance_schedules
 from parm.serving import Frontend, ServingConfig
 from parm.system import serving_config
 from parm.testing import run_virtual
@@ -92,7 +93,6 @@ class _SimInstance:
     started_s: float = 0.0  # since the time origin: faults that began earlier do not fire again
     in_flight: set[int] = field(default_factory=set)
     crash_timer: asyncio.TimerHandle | None = None
-    crashed: bool = False  # an injected crash fires once per run
 
 
 class SimBackend(Backend):
@@ -100,11 +100,11 @@ class SimBackend(Backend):
     ``restart_s``; a stalled instance never answers until the frontend kills it."""
 
     def __init__(self, roles: list[str], service: ServiceModel, *, faults: FaultSpec | None = None, seed: int = 0,
-                 horizon_s: float = 3600.0, restart_s: float = 1.0) -> None:
+                 horizon_s: float = DEFAULT_HORIZON_S, restart_s: float = 1.0) -> None:
         model = ModelRef(factory="parm.models.toy:constant")
-        self.instances = [InstanceSpec(i, role, model) for i, role in enumerate(roles)]
-        self.service, self.fault_spec, self.seed = service, faults, seed
-        self.horizon_s, self.restart_s = horizon_s, restart_s
+        schedules = instance_schedules(faults, len(roles), horizon_s)
+        self.instances = [InstanceSpec(i, role, model, faults=schedules[i]) for i, role in enumerate(roles)]
+        self.service, self.seed, self.restart_s = service, seed, restart_s
         self.t0 = 0.0
         self.restarts = 0
         self._zeros: dict[int, torch.Tensor] = {}
@@ -115,10 +115,8 @@ class SimBackend(Backend):
         self.t0 = self._loop.time()
         self._sims = []
         for spec in self.instances:
-            faults = None if self.fault_spec is None else InstanceFaults.build(
-                self.fault_spec, spec.instance_id, self.horizon_s, n_instances=len(self.instances))
             rng = np.random.default_rng([self.seed, spec.instance_id])
-            self._sims.append(_SimInstance(spec, faults, self.service.sampler(rng)))
+            self._sims.append(_SimInstance(spec, spec.faults, self.service.sampler(rng)))
         self._schedule_crashes()
 
     def set_time_origin(self, t0_wall_s: float) -> None:
@@ -130,13 +128,14 @@ class SimBackend(Backend):
             if sim.crash_timer is not None:
                 sim.crash_timer.cancel()
                 sim.crash_timer = None
-            if sim.faults is not None and sim.faults.crash_at_s is not None and not sim.crashed:
+            if sim.faults is not None and sim.faults.crash_at_s is not None:
                 sim.crash_timer = self._loop.call_at(self.t0 + sim.faults.crash_at_s, self._crash_if, sim,
                                                      sim.generation)
 
     def _crash_if(self, sim: _SimInstance, generation: int) -> None:
         if sim.generation == generation and sim.healthy:
-            sim.crashed = True
+            assert sim.faults is not None
+            sim.faults = sim.faults.after_crash()
             self._fail(sim, "injected crash")
 
     def send(self, instance_id: int, work_id: int, inputs: torch.Tensor) -> None:
@@ -144,8 +143,7 @@ class SimBackend(Backend):
         now = self._loop.time()
         start = max(now, sim.free_at)
         t_rel = start - self.t0
-        window = None if sim.faults is None else sim.faults.stall_window(t_rel)
-        if window is not None and window[0] >= sim.started_s:
+        if sim.faults is not None and sim.faults.stalls_at(t_rel, sim.started_s):
             sim.free_at = math.inf  # silent until killed
             sim.in_flight.add(work_id)
             return

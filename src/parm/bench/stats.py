@@ -10,7 +10,8 @@ and ``max_ms`` are over the answered queries.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -50,10 +50,10 @@ def subtract(config: CodeConfig, parity_out: torch.Tensor, known: list[torch.Ten
     the position j. A handful of tensor ops, no allocation beyond the result.
     """
     w = config.weights(torch.float64)[0]  # (k,)
-    others = [l for l in range(config.k) if l != missing]
+    others = [i for i in range(config.k) if i != missing]
     out = parity_out.clone()
-    for l, value in zip(others, known):
-        out.sub_(value, alpha=float(w[l])) if float(w[l]) != 1.0 else out.sub_(value)
+    for i, value in zip(others, known):
+        out.sub_(value, alpha=float(w[i])) if float(w[i]) != 1.0 else out.sub_(value)
     return out if float(w[missing]) == 1.0 else out.div_(float(w[missing]))
 
 

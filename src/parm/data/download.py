@@ -27,9 +27,10 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Sequence
+from typing import IO
 
 from parm.errors import ChecksumError, ConfigError, DataError
 
@@ -220,8 +221,10 @@ def safe_extract_tar(tarball: Path, root: Path) -> None:
             members = tar.getmembers()
             for member in members:
                 _check_member(member, tarball)
-            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(root, members=members, **extra)
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12: refuse links and devices on extraction too
+                tar.extractall(root, members=members, filter="data")
+            else:
+                tar.extractall(root, members=members)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(
             f"cannot extract {tarball}: {exc}. Delete it and run again with --download.", path=tarball

@@ -317,14 +317,16 @@ def _missing_error(spec: DatasetSpec, root: Path, split: str, missing: list[str]
     )
 
 
-def _read_split(spec: DatasetSpec, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(spec: DatasetSpec, root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     """images uint8 (N, C, H, W), labels int64 (N,)."""
     folder = root / spec.folder
     if spec.format == "cifar":
-        return read_cifar(folder, split, spec.num_classes)
+        return read_cifar(folder, split, 100 if spec.num_classes == 100 else 10)
     image_name, label_name = spec.split_files(split)
-    images = read_idx(_idx_file(folder, image_name))  # (N, H, W)
-    labels = read_idx(_idx_file(folder, label_name))  # (N,)
+    image_file, label_file = _idx_file(folder, image_name), _idx_file(folder, label_name)
+    assert image_file is not None and label_file is not None  # load_dataset checked _missing() first
+    images = read_idx(image_file)  # (N, H, W)
+    labels = read_idx(label_file)  # (N,)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
             f"{folder}: {image_name} has shape {images.shape} and {label_name} has {labels.shape}; expected "

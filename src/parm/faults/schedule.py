@@ -38,6 +38,7 @@ horizon longer than the run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -320,6 +321,22 @@ class InstanceFaults:
         log.debug("instance %d faults: %s", instance, schedule)
         return schedule
 
+    def after_crash(self) -> InstanceFaults:
+        """The schedule of the instance restarted after its injected crash: an injected crash
+        fires once per run, everything else is unchanged."""
+        return dataclasses.replace(self, crash_at_s=None)
+
+    def crash_after(self, started_s: float) -> float | None:
+        """When an instance (re)started at ``started_s`` crashes: a crash time already past when
+        it started never fires."""
+        return self.crash_at_s if self.crash_at_s is not None and self.crash_at_s > started_s else None
+
+    def stalls_at(self, t_s: float, started_s: float) -> bool:
+        """Whether an instance started at ``started_s`` is stalled at ``t_s``: only a stall that
+        began after the start counts (the replacement of a stalled instance is not stalled)."""
+        window = self.stall_window(t_s)
+        return window is not None and window[0] >= started_s
+
     @property
     def empty(self) -> bool:
         """True when this instance has nothing injected (the worker can skip every query)."""
@@ -396,3 +413,17 @@ class InstanceFaults:
         touching this instance, per fault and sorted by start (runs of different faults may
         overlap; runs of one fault do not)."""
         return sorted(run for timeline in self.shuffle for run in timeline.runs())
+
+
+DEFAULT_HORIZON_S = 3600.0  # fault schedules are precomputed this far; later times see no episodes
+
+
+def instance_schedules(spec: FaultSpec | None, n_instances: int, horizon_s: float = DEFAULT_HORIZON_S
+                       ) -> list[InstanceFaults | None]:
+    """Every instance's schedule for a run of ``n_instances`` (None for all without a spec).
+
+    This is the one place a run's FaultSpec becomes per-instance schedules: the system wiring
+    hands instance i its schedule, and backends never see the spec."""
+    if spec is None:
+        return [None] * n_instances
+    return [InstanceFaults.build(spec, i, horizon_s, n_instances=n_instances) for i in range(n_instances)]

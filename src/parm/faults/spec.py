@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, fields, replace
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
@@ -280,8 +280,8 @@ class Shuffle(_Fault):
         object.__setattr__(self, "instances", instances)
 
 
-Fault = Union[SlowEpisodes, Straggler, RandomDelay, Crash, Stall, Shuffle]
-FAULT_KINDS: dict[str, type] = {
+Fault = SlowEpisodes | Straggler | RandomDelay | Crash | Stall | Shuffle
+FAULT_KINDS: dict[str, type[_Fault]] = {
     cls.KIND: cls for cls in (SlowEpisodes, Straggler, RandomDelay, Crash, Stall, Shuffle)
 }
 
@@ -434,7 +434,7 @@ def fault_from_params(kind: Any, params: Mapping[str, Any], label: str) -> Fault
     return _construct(cls, {key: _coerce_key(cls, key, raw, label) for key, raw in params.items()}, label)
 
 
-def _coerce_key(cls: type, key: str, raw: Any, label: str) -> Any:
+def _coerce_key(cls: type[_Fault], key: str, raw: Any, label: str) -> Any:
     type_tag = cls.KEY_TYPES[key]
     try:
         return _coerce(type_tag, raw)
@@ -445,9 +445,9 @@ def _coerce_key(cls: type, key: str, raw: Any, label: str) -> Any:
         ) from None
 
 
-def _construct(cls: type, values: dict[str, Any], label: str) -> Fault:
+def _construct(cls: type[_Fault], values: dict[str, Any], label: str) -> Fault:
     try:
-        return cls(**values)
+        return cast(Fault, cls(**values))
     except ConfigError as err:
         raise ConfigError(f"{label}: {err}", field=err.field, value=err.value) from err
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -62,7 +62,7 @@ def _import_factory(spec: str) -> Factory:
 
 def _call_factory(factory: Factory, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     try:
-        params = inspect.signature(factory).parameters
+        params: Mapping[str, inspect.Parameter] = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

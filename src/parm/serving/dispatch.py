@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -104,9 +104,12 @@ class Dispatcher:
         return [i for i in self._levels[role][0] if self.backend.healthy(i)]
 
     def submit(self, work: Work, *, front: bool = False) -> None:
-        if self.round_robin and work.target is None:
-            work.target = self._next_target(work)
-        queue = self._own[work.target] if self.round_robin else self._queues[work.role]
+        if self.round_robin:
+            if work.target is None:
+                work.target = self._next_target(work)
+            queue = self._own[work.target]
+        else:
+            queue = self._queues[work.role]
         queue.appendleft(work) if front else queue.append(work)
         self._by_key.setdefault((work.kind, work.key), []).append(work)
         self._live[work.role] += 1

@@ -33,8 +33,8 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -252,10 +252,10 @@ class GroupTracker:
         """Outputs by position (k entries; those in ``unknown`` decoded)."""
         if self.code.r == 1 and len(unknown) == 1:  # the common case: plain subtraction
             j = unknown[0]
-            known = [self._known(group, l) for l in range(self.code.k) if l != j]
+            known = [self._known(group, i) for i in range(self.code.k) if i != j]
             parity = group.parity[0]
             assert parity is not None
-            return [subtract(self.code, parity, known, j) if l == j else None for l in range(self.code.k)]
+            return [subtract(self.code, parity, known, j) if i == j else None for i in range(self.code.k)]
         some = next(p for p in group.parity if p is not None)  # (B, C)
         outputs = []
         for i in range(self.code.k):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from parm.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
 from parm.data import ArrayDataset, load_dataset, train_val_split
 from parm.models import build_model
-from parm.training.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
 from parm.training.config import OptimConfig, base_recipe
 from parm.training.loop import FitSpec, fit
 from parm.training.metrics import topk_correct

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from parm.checkpoint import check_parity_matches, load_checkpoint
 from parm.coding import CodeConfig
 from parm.data.groups import fixed_groups
-from parm.training.checkpoint import check_parity_matches, load_checkpoint
+from parm.data.registry import Split
 from parm.training.config import ParityConfig
 from parm.training.metrics import default_top1, topk_correct
 from parm.training.parity import load_coded_split, reconstruction_metrics
@@ -50,7 +51,7 @@ def evaluate(
     base_dir: str | Path,
     parity_dirs: list[str | Path],
     *,
-    split: str = "test",
+    split: Split = "test",
     data_root: str | Path | None = None,
     download: bool = False,
     cache_dir: str | Path | None = None,

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from parm.checkpoint import load_tensors, save_tensors
 from parm.errors import CheckpointMismatchError, NonFiniteLossError
-from parm.training.checkpoint import load_tensors, save_tensors
 from parm.training.config import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class _Fitter:
 
     def _non_finite(self, value: float, step: int) -> None:
         kept = self.spec.best_path if self.result.best_epoch >= 0 else None
-        where = f"the last good checkpoint is kept at {kept} (epoch {self.result.best_epoch + 1})" if kept else "nothing was saved"
+        where = (f"the last good checkpoint is kept at {kept} (epoch {self.result.best_epoch + 1})" if kept
+                 else "nothing was saved")
         raise NonFiniteLossError(
             f"training loss became {value} at epoch {self.epoch + 1}, step {step}; stopped, {where}. "
             f"Lower --lr or check the inputs for NaN/inf.",

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from parm.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
 from parm.coding import encode, reconstruct_each
 from parm.data import ArrayDataset, load_dataset, train_val_split
 from parm.data.groups import fixed_groups, sample_groups
+from parm.data.registry import Split
 from parm.errors import ConfigError
 from parm.models import build_model
-from parm.training.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
 from parm.training.config import OptimConfig, ParityConfig
 from parm.training.loop import FitSpec, fit
 from parm.training.metrics import degraded_metrics
@@ -109,7 +110,7 @@ def _parity_record(parity: ParityConfig, base: ModelRecord, optim: OptimConfig, 
 
 
 def load_coded_split(
-    base_dir: str | Path, split: str, *, data_root: str | Path | None = None, download: bool = False,
+    base_dir: str | Path, split: Split, *, data_root: str | Path | None = None, download: bool = False,
     cache_dir: str | Path | None = None,
 ) -> tuple[torch.nn.Module, ModelRecord, ArrayDataset, CodedData]:
     """Base model, its record, and a split of its dataset with cached base outputs."""

@@ -34,8 +34,8 @@ some backend event (a send, answer, crash or restart); it never polls on a timer
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

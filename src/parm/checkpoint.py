@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from parm._version import __version__
 from parm.errors import CheckpointError, CheckpointMismatchError
 from parm.models import build_model
 
@@ -37,8 +38,6 @@ RECORD_FILE = "record.json"
 
 
 def package_version() -> str:
-    from parm import __version__
-
     return __version__
 
 
@@ -125,22 +124,31 @@ def save_tensors(directory: Path, stem: str, tensors: dict[str, torch.Tensor], r
     return record
 
 
-def load_tensors(directory: Path, record_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a record and the tensors it names, checking the hash."""
-    record_path = directory / record_name
-    if not record_path.exists():
+def _read_record(directory: Path, record_name: str) -> dict[str, Any]:
+    """The JSON record of a checkpoint (or training state) folder, with a clear error when it
+    is missing or damaged: the one reader behind every loader here."""
+    path = directory / record_name
+    if not path.exists():
         raise CheckpointError(
-            f"no checkpoint at {directory}: {record_name} is missing (train one with "
-            f"'parm train-base' / 'parm train-parity', or check the path)",
+            f"no checkpoint at {directory}: {record_name} is missing (train one with 'parm train-base' / "
+            f"'parm train-parity', or check the path)",
             path=directory,
         )
     try:
-        record = json.loads(record_path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{record_path} is not valid JSON ({exc}); the checkpoint is damaged", path=record_path) from exc
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged", path=path) from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; is it a ParM checkpoint?", path=path)
+    return data
+
+
+def _read_weights(directory: Path, record_name: str, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors ``record`` names, after checking their hash."""
     weights = directory / str(record.get("weights_file", ""))
     if not record.get("weights_file") or not weights.is_file():
-        raise CheckpointError(f"{record_path} names weights {record.get('weights_file')!r}, which are missing", path=weights)
+        raise CheckpointError(f"{directory / record_name} names weights {record.get('weights_file')!r}, which are "
+                              f"missing", path=weights)
     actual = sha256_file(weights)
     if actual != record.get("weights_sha256"):
         raise CheckpointError(
@@ -149,10 +157,15 @@ def load_tensors(directory: Path, record_name: str) -> tuple[dict[str, Any], dic
             path=weights,
         )
     try:
-        tensors = load_file(str(weights))
+        return load_file(str(weights))
     except SafetensorError as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}", path=weights) from exc
-    return record, tensors
+
+
+def load_tensors(directory: Path, record_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a record and the tensors it names, checking the hash (training state uses this)."""
+    record = _read_record(directory, record_name)
+    return record, _read_weights(directory, record_name, record)
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, record: ModelRecord) -> ModelRecord:
@@ -165,28 +178,15 @@ def save_checkpoint(directory: str | Path, model: nn.Module, record: ModelRecord
 
 def load_record(directory: str | Path) -> ModelRecord:
     """Read only the record (no weights) of a checkpoint."""
-    path = Path(directory) / RECORD_FILE
-    if not path.exists():
-        raise CheckpointError(
-            f"no checkpoint at {directory}: {RECORD_FILE} is missing (train one with 'parm train-base' / "
-            f"'parm train-parity', or check the path)",
-            path=directory,
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged", path=path) from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; is it a ParM checkpoint?", path=path)
-    return ModelRecord.from_json(data, path)
+    return ModelRecord.from_json(_read_record(Path(directory), RECORD_FILE), Path(directory) / RECORD_FILE)
 
 
 def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> tuple[nn.Module, ModelRecord]:
     """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
     directory = Path(directory)
-    load_record(directory)  # field check before touching weights
-    data, tensors = load_tensors(directory, RECORD_FILE)
-    record = ModelRecord.from_json(data, directory / RECORD_FILE)
+    data = _read_record(directory, RECORD_FILE)
+    record = ModelRecord.from_json(data, directory / RECORD_FILE)  # field check before touching weights
+    tensors = _read_weights(directory, RECORD_FILE, data)
     model = build_model(record.arch, record.in_shape, record.num_classes)
     try:
         model.load_state_dict(tensors, strict=True)
