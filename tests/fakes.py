@@ -51,17 +51,20 @@ def data_ref(in_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> Mode
                                                     "seed": seed})
 
 
-def parity_ref(in_shape: tuple[int, ...], num_classes: int, k: int, seed: int = 0) -> ModelRef:
+def parity_ref(in_shape: tuple[int, ...], num_classes: int, k: int, seed: int = 0, parity_index: int = 0) -> ModelRef:
     return ModelRef(factory=f"{TOY}:linear_parity", kwargs={"in_shape": tuple(in_shape), "num_classes": num_classes,
-                                                           "seed": seed, "k": k})
+                                                           "seed": seed, "k": k, "parity_index": parity_index})
 
 
 def specs_for(roles: list[str], in_shape: tuple[int, ...], num_classes: int, k: int, *,
-              cheap_seed: int = 7) -> list[InstanceSpec]:
-    """Instances for ``roles``: data -> linear, parity -> its exact parity model, cheap -> another linear."""
+              cheap_seed: int = 7, spare_on_parity: bool = False) -> list[InstanceSpec]:
+    """Instances for ``roles``: data -> linear, parity<i> -> its exact parity model i, cheap -> another linear."""
     refs = {"data": data_ref(in_shape, num_classes), "parity": parity_ref(in_shape, num_classes, k),
-            "cheap": data_ref(in_shape, num_classes, seed=cheap_seed)}
-    return [InstanceSpec(i, role, refs[role]) for i, role in enumerate(roles)]
+            "cheap": data_ref(in_shape, num_classes, seed=cheap_seed),
+            **{f"parity{i}": parity_ref(in_shape, num_classes, k, parity_index=i) for i in range(1, 8)}}
+    spare = data_ref(in_shape, num_classes) if spare_on_parity else None  # coded-hedge: parity holds F too (holds_spare)
+    return [InstanceSpec(i, role, refs[role], spare=spare if role.startswith("parity") else None)
+            for i, role in enumerate(roles)]
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Sent:
     work_id: int
     nth: int  # the instance's n-th batch (from 0)
     inputs: torch.Tensor  # (B, *S), a copy
+    spare: bool = False  # run on the instance's spare model (a data batch on a parity instance)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class _Instance:
     spec: InstanceSpec
     model: nn.Module
     delay_s: float
+    spare: nn.Module | None = None
     up: bool = True
     stalled: bool = False
     stall_persists: bool = False
@@ -93,7 +98,8 @@ class FakeBackend(Backend):
     def __init__(self, instances: list[InstanceSpec], *, delay_s: float = 0.001, restart_s: float = 0.005) -> None:
         self.instances = list(instances)
         self.restart_s = restart_s
-        self._inst = {s.instance_id: _Instance(s, s.model.build(), delay_s) for s in self.instances}
+        self._inst = {s.instance_id: _Instance(s, s.model.build(), delay_s, None if s.spare is None else s.spare.build())
+                      for s in self.instances}
         self._script: dict[tuple[int, int], float] = {}
         self._crash_on: set[tuple[int, int]] = set()
         self.sends: list[Sent] = []
@@ -190,14 +196,14 @@ class FakeBackend(Backend):
         self._changed = asyncio.Condition()
         self.started = True
 
-    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor) -> None:
+    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor, *, spare: bool = False) -> None:
         if self.stopped:
             self.sends_after_stop += 1
             return
         inst = self._inst[instance_id]
         nth = inst.received
         inst.received += 1
-        self.sends.append(Sent(instance_id, inst.spec.role, work_id, nth, inputs.detach().clone()))
+        self.sends.append(Sent(instance_id, inst.spec.role, work_id, nth, inputs.detach().clone(), spare))
         self._notify()
         if not inst.up:
             self._loop.call_soon(self._on_result, instance_id, work_id, None, "instance is down")
@@ -213,8 +219,10 @@ class FakeBackend(Backend):
             inst.errors_left -= 1
             output, error = None, f"scripted model error on instance {instance_id}"
         else:
+            model = inst.spare if spare else inst.model
+            assert model is not None, f"instance {instance_id} was sent spare work but holds no spare model"
             with torch.no_grad():
-                output, error = inst.model(inputs.detach().clone()), None  # (B, *S) -> (B, C)
+                output, error = model(inputs.detach().clone()), None  # (B, *S) -> (B, C)
         delay_s = self._script.get((instance_id, nth), inst.delay_s)
         if self.serial:  # queued behind what the instance already holds
             now = self._loop.time()

@@ -1,7 +1,7 @@
 """ParM: parity models for resilient ML prediction serving (Kosaian, Rashmi, Venkataraman, SOSP 2019)."""
 
 from parm._version import __version__
-from parm.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
+from parm.checkpoint import ModelRecord, load_checkpoint, load_parity_set, save_checkpoint
 from parm.coding import CodeConfig, decode, encode, reconstruct_each
 from parm.data import ArrayDataset, load_dataset, resolve_data_root
 from parm.errors import (
@@ -25,6 +25,7 @@ from parm.training import (
     evaluate,
     parity_recipe,
     train_base,
+    train_parities,
     train_parity,
 )
 
@@ -56,10 +57,12 @@ __all__ = [
     "evaluate",
     "load_dataset",
     "load_checkpoint",
+    "load_parity_set",
     "parity_recipe",
     "reconstruct_each",
     "resolve_data_root",
     "save_checkpoint",
     "train_base",
+    "train_parities",
     "train_parity",
 ]

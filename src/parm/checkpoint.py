@@ -9,6 +9,12 @@ Saving writes the weights under a new name, then replaces ``record.json`` atomic
 removes weights no record points to. A crash at any moment leaves a record that points to
 complete weights, so a checkpoint is never half-written. Loading verifies the hash, rebuilds
 the model from the record with :func:`parm.models.build_model`, and never unpickles anything.
+
+The r parity models of one code (a *parity set*, :func:`parity_set_dirs`, :func:`load_parity_set`)::
+
+    r = 1:  DIR/                 DIR is the parity checkpoint itself
+    r > 1:  DIR/parity-0/ ...    one ordinary parity checkpoint per index i in 0..r-1, each
+            DIR/parity-<r-1>/    recording the same k, r, encoder and base_sha256 and parity_index=i
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 RECORD_FILE = "record.json"
+PARITY_DIR = "parity-{}"  # parity i of an r > 1 set
+_PARITY_DIR_RE = re.compile(r"parity-(0|[1-9][0-9]*)")
 
 
 def package_version() -> str:
@@ -226,3 +235,104 @@ def check_parity_matches(base: ModelRecord, parity: ModelRecord, **expected: Any
                 f"parity checkpoint has {name}={getattr(parity, name)!r} but {name}={want!r} was asked for",
                 field=name, expected=want, got=getattr(parity, name),
             )
+
+
+def parity_set_dirs(directory: str | Path, r: int) -> list[Path]:
+    """Where the r parity checkpoints of one code live: ``[directory]`` for r = 1, else
+    ``[directory/parity-0, ..., directory/parity-<r-1>]`` (the layout :func:`load_parity_set` reads)."""
+    directory = Path(directory)
+    return [directory] if r == 1 else [directory / PARITY_DIR.format(i) for i in range(r)]
+
+
+def _train_hint(record: ModelRecord, out: Path | str, index: int | None = None) -> str:
+    which = "" if index is None else f" --parity-index {index}"
+    where = out if index is None else Path(out) / PARITY_DIR.format(index)
+    return (f"'parm train-parity --base BASE --k {record.k} --encoder {record.encoder} --r {record.r}{which} "
+            f"--out {where}'")
+
+
+def load_parity_set(directory: str | Path) -> list[tuple[Path, ModelRecord]]:
+    """The r parity checkpoints of one code, as (folder, record) pairs ordered by parity_index.
+
+    ``directory`` is either one parity checkpoint of an r = 1 code (it holds ``record.json``) or
+    a folder of ``parity-<i>`` subfolders, one per index 0..r-1 (what ``parm train-parity --r R``
+    writes). Only records are read, not weights. Raises :class:`CheckpointError` when a member is
+    missing (naming the index and the command that trains it), when a single checkpoint is one
+    parity of an r > 1 code, or when the folder holds neither; :class:`CheckpointMismatchError`
+    when the members disagree on k, r, encoder or base_sha256, or an index appears twice.
+    """
+    directory = Path(directory)
+    if (directory / RECORD_FILE).exists():
+        record = load_record(directory)
+        _check_kind(directory, record)
+        r = record.r or 1
+        if r > 1:
+            raise CheckpointError(
+                f"{directory} holds parity index {record.parity_index} of an r={r} code: only one of the {r} parity "
+                f"models is present. Pass a folder that holds parity-0 ... parity-{r - 1} (train them all into one with "
+                f"{_train_hint(record, 'DIR')})",
+                path=directory,
+            )
+        return [(directory, record)]
+    subdirs = {int(m.group(1)): p for p in sorted(directory.iterdir()) if p.is_dir()
+               and (m := _PARITY_DIR_RE.fullmatch(p.name))} if directory.is_dir() else {}
+    records = {i: load_record(p) for i, p in subdirs.items() if (p / RECORD_FILE).exists()}
+    if not records:
+        found = ("its parity-<i> subfolders hold no record.json yet (an unfinished run? run the same "
+                 "'parm train-parity' command again to resume)") if subdirs else (
+                 "no record.json and no parity-<i> subfolders (train parity models with 'parm train-parity', "
+                 "or check the path)")
+        raise CheckpointError(f"no parity checkpoint at {directory}: {found}", path=directory)
+    first_index = min(records)
+    first = records[first_index]
+    by_index: dict[int, Path] = {}
+    for i, record in sorted(records.items()):
+        _check_kind(subdirs[i], record)
+        for name in ("k", "r", "encoder", "base_sha256"):
+            if getattr(record, name) != getattr(first, name):
+                raise CheckpointMismatchError(
+                    f"parity checkpoints in {directory} disagree on {name}: {subdirs[first_index].name} has "
+                    f"{name}={getattr(first, name)!r} but {subdirs[i].name} has {name}={getattr(record, name)!r}; "
+                    f"all r parity models of a set must be trained for one code and one base model",
+                    field=name, expected=getattr(first, name), got=getattr(record, name), path=subdirs[i],
+                )
+        index = record.parity_index if record.parity_index is not None else 0
+        if index in by_index:
+            raise CheckpointMismatchError(
+                f"parity index {index} appears twice in {directory}: in {by_index[index].name} and {subdirs[i].name}; "
+                f"each parity-<i> folder must hold parity_index=i",
+                field="parity_index", expected=i, got=index, path=subdirs[i],
+            )
+        if index != i:
+            raise CheckpointMismatchError(
+                f"{subdirs[i]} holds parity_index={index}, but its name says {i}; each parity-<i> folder must hold "
+                f"parity_index=i", field="parity_index", expected=i, got=index, path=subdirs[i],
+            )
+        by_index[index] = subdirs[i]
+    r = first.r or 1
+    extra = sorted(i for i in subdirs if i >= r)
+    if extra:
+        raise CheckpointMismatchError(
+            f"{directory} holds {PARITY_DIR.format(extra[0])} but its parity models are for r={r} "
+            f"(indices 0..{r - 1}); remove it or check the folder", field="parity_index", expected=list(range(r)),
+            got=extra[0], path=subdirs[extra[0]],
+        )
+    missing = [i for i in range(r) if i not in records]
+    if missing:
+        i = missing[0]
+        state = "has no record.json yet (an unfinished run?)" if i in subdirs else "does not exist"
+        raise CheckpointError(
+            f"parity index {i} of r={r} is missing from {directory}: {directory / PARITY_DIR.format(i)} {state}"
+            f"{f' (missing indices: {missing})' if len(missing) > 1 else ''}. Train it with "
+            f"{_train_hint(first, directory, i)}, or every missing index at once with {_train_hint(first, directory)}",
+            path=directory / PARITY_DIR.format(i),
+        )
+    return [(subdirs[i], records[i]) for i in range(r)]
+
+
+def _check_kind(directory: Path, record: ModelRecord) -> None:
+    if record.kind != "parity":
+        raise CheckpointMismatchError(
+            f"{directory} holds a {record.kind} checkpoint, not a parity checkpoint", field="kind", expected="parity",
+            got=record.kind, path=directory,
+        )

@@ -45,13 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_train_base)
 
-    p = sub.add_parser("train-parity", help="train the parity model of a base checkpoint for one k and encoder")
+    p = sub.add_parser(
+        "train-parity", help="train the parity model(s) of a base checkpoint for one k and encoder",
+        description="Train the parity model(s) of a base checkpoint. With --r 1 (default) --out is the parity "
+                    "checkpoint. With --r R > 1 and no --parity-index, all R parity models are trained one after "
+                    "another into --out/parity-0 ... --out/parity-<R-1> (pass --out to serving); running the same "
+                    "command again resumes, skipping finished ones. --parity-index I trains only index I into --out "
+                    "(to spread the R models over several machines).")
     p.add_argument("--base", type=Path, required=True, help="base checkpoint folder")
     p.add_argument("--k", type=int, required=True, help="queries per coding group")
     p.add_argument("--encoder", default="add", help="add or concat (default: add)")
     p.add_argument("--r", type=int, default=1, help="parities per group (default: 1)")
-    p.add_argument("--parity-index", type=int, default=0, help="which of the r parities to train (default: 0)")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--parity-index", type=int, default=None,
+                   help="train only this one of the r parities, into --out itself (default: all r; "
+                        "with r > 1 into --out/parity-<i>)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="checkpoint folder (r > 1 without --parity-index: the folder of parity-<i> checkpoints)")
     p.add_argument("--recipe", default="default", choices=["default", "paper"],
                    help="default: init from base, one-cycle LR, 256 groups/step, 400 epochs; "
                         "paper: from scratch, Adam 1e-3, 64 (k=2) or 32 groups/step, 500 epochs")
@@ -182,6 +191,12 @@ _SERVING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--stall-timeout-ms", "stall_timeout_ms", float, "an instance silent this long is restarted (default: {})"),
     ("--dispatch", "dispatch", str, "shared pull queue or per-instance round_robin (default: {})"),
     ("--max-pending", "max_pending_queries", int, "pending queries before 429 (default: {})"),
+    ("--hedge-percentile", "hedge_percentile", float,
+     "hedge, cheap, coded-hedge: a batch in service longer than this percentile of recent service times is "
+     "re-sent (default: {})"),
+    ("--reconstruct-percentile", "reconstruct_percentile", float,
+     "coded modes: accept a reconstruction only once its batch is older than this percentile of recent original "
+     "answer times, or its instance failed (default: {}, i.e. as soon as the group decodes)"),
 )
 
 
@@ -196,7 +211,8 @@ def _add_system_args(p: argparse.ArgumentParser, *, serve: bool) -> None:
         return str(SystemSpec.default(name)) if serve else "the demo experiment's"
 
     p.add_argument("--base", type=Path, required=True, help="base (deployed) model checkpoint")
-    p.add_argument("--parity", type=Path, default=None, help="parity model checkpoint (mode coded)")
+    p.add_argument("--parity", type=Path, default=None,
+                   help="parity model checkpoint, or a folder of r parity-<i> checkpoints (modes coded, coded-hedge)")
     p.add_argument("--cheap", type=Path, default=None, help="approximate backup model checkpoint (mode cheap)")
     p.add_argument("--instances", type=int, default=None,
                    help=f"m: data instances the load needs (default: {spec_default('instances')})")
@@ -269,15 +285,18 @@ def _demo(args: argparse.Namespace) -> int:
 
     from parm.bench.experiment import demo_experiment
     from parm.bench.run_experiment import format_summary, json_summary, run_bench
+    from parm.serving import CODED_MODES
 
     exp = demo_experiment()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else list(exp.modes)
-    for mode, given, flag in (("cheap", args.cheap, "--cheap"), ("coded", args.parity, "--parity")):
+    needs = [("cheap", args.cheap, "--cheap")] + [(mode, args.parity, "--parity") for mode in CODED_MODES]
+    for mode, given, flag in needs:
         if given is None and mode in modes:
             log.info("skipping mode %r: no %s checkpoint given", mode, flag)
             modes.remove(mode)
     if not modes:
-        raise ConfigError("no mode left to run (coded needs --parity, cheap needs --cheap)", field="modes", value=[])
+        raise ConfigError("no mode left to run (coded and coded-hedge need --parity, cheap needs --cheap)",
+                          field="modes", value=[])
     paths = {"base": args.base, "parity": args.parity, "cheap": args.cheap, "data_root": args.data_root}
     system = {**{key: None if path is None else str(path) for key, path in paths.items()},
               "instances": args.instances, "emulated_ms": args.emulated_ms,
@@ -318,20 +337,28 @@ def _train_base(args: argparse.Namespace) -> int:
 def _train_parity(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from parm.checkpoint import parity_set_dirs
     from parm.coding import CodeConfig
-    from parm.training import ParityConfig, parity_recipe, train_parity
+    from parm.training import ParityConfig, parity_recipe, train_parities, train_parity
 
     code = CodeConfig(k=args.k, r=args.r, encoder=args.encoder)
     optim, init = parity_recipe(args.recipe, args.k, args.epochs, args.seed)
     overrides = {k: v for k, v in (("batch_size", args.batch_groups), ("lr", args.lr)) if v is not None}
     optim = replace(optim, **overrides)
-    parity = ParityConfig(code=code, parity_index=args.parity_index, arch=args.arch, init=args.init or init)
-    record = train_parity(args.base, args.out, parity, optim, recipe=args.recipe, data_root=args.data_root,
-                          download=args.download, cache_dir=args.cache_dir, progress=not args.no_progress)
-    m = record.metrics
-    print(f"parity k={record.k} encoder={record.encoder}: best epoch {m['best_epoch']}, validation "
-          f"degraded top-1 {m['val_degraded_top1']:.4f}, reconstruction top-1 {m['val_reconstruction_top1']:.4f}; "
-          f"saved to {args.out}")
+    common: dict[str, Any] = dict(recipe=args.recipe, data_root=args.data_root, download=args.download,
+                                  cache_dir=args.cache_dir, progress=not args.no_progress)
+    if args.parity_index is None and code.r > 1:
+        records = train_parities(args.base, args.out, code, optim, arch=args.arch, init=args.init or init, **common)
+        folders = parity_set_dirs(args.out, code.r)
+    else:
+        parity = ParityConfig(code=code, parity_index=args.parity_index or 0, arch=args.arch, init=args.init or init)
+        records, folders = [train_parity(args.base, args.out, parity, optim, **common)], [args.out]
+    for record, folder in zip(records, folders):
+        m = record.metrics
+        which = f" parity {record.parity_index} of r={record.r}" if (record.r or 1) > 1 else ""
+        print(f"parity k={record.k} encoder={record.encoder}{which}: best epoch {m['best_epoch']}, validation "
+              f"degraded top-1 {m['val_degraded_top1']:.4f}, reconstruction top-1 {m['val_reconstruction_top1']:.4f}; "
+              f"saved to {folder}")
     return 0
 
 

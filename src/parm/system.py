@@ -17,10 +17,10 @@ from typing import Any
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.backends.base import Backend
-from parm.checkpoint import ModelRecord, check_parity_matches, load_record
+from parm.checkpoint import ModelRecord, check_parity_matches, load_parity_set, load_record
 from parm.errors import CheckpointMismatchError, ConfigError
 from parm.faults import DEFAULT_HORIZON_S, FaultSpec, instance_schedules
-from parm.serving import Frontend, ServingConfig, ServingMetrics, instance_roles
+from parm.serving import CODED_MODES, Frontend, ServingConfig, ServingMetrics, holds_spare, instance_roles, parity_role
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,14 @@ class SystemSpec:
     emulated_ms: float = 0.0
     backend: str = "local"  # "local" (processes on this machine) or "ray" (Ray Serve deployments)
     ray_address: str | None = None  # ray backend: a running cluster; None starts a local one
+    zones: tuple[str, ...] | None = None  # failure domain of slot i: zones[i % len(zones)] (None: unknown)
 
     def __post_init__(self) -> None:
         if self.instances < 1:
             raise ConfigError(f"instances must be >= 1; got {self.instances}", field="instances", value=self.instances)
-        if self.serving.mode == "coded" and self.parity is None:
-            raise ConfigError("mode 'coded' needs a parity checkpoint (--parity)", field="parity", value=None)
+        if self.serving.mode in CODED_MODES and self.parity is None:
+            raise ConfigError(f"mode {self.serving.mode!r} needs a parity checkpoint (--parity)", field="parity",
+                              value=None)
         if self.serving.mode == "cheap" and self.cheap is None:
             raise ConfigError("mode 'cheap' needs an approximate model checkpoint (--cheap)", field="cheap", value=None)
         if self.backend not in BACKENDS:
@@ -60,6 +62,8 @@ class SystemSpec:
         if self.ray_address is not None and self.backend != "ray":
             raise ConfigError("ray_address (--ray-address) needs backend 'ray' (--backend ray)", field="ray_address",
                               value=self.ray_address)
+        if self.zones is not None:
+            object.__setattr__(self, "zones", tuple(str(z) for z in self.zones))
         if self.emulated_ms < 0:
             raise ConfigError(f"emulated_ms must be >= 0; got {self.emulated_ms}", field="emulated_ms",
                               value=self.emulated_ms)
@@ -67,11 +71,16 @@ class SystemSpec:
     @functools.cached_property
     def _layout(self) -> tuple[str, ...]:
         # computed once per spec (kept in the instance dict, outside the fields)
-        return tuple(instance_roles(self.serving.mode, self.instances, self.serving.k))
+        return tuple(instance_roles(self.serving.mode, self.instances, self.serving.k, self.serving.r))
 
     def roles(self) -> list[str]:
         """The role of each instance slot (data slots first)."""
         return list(self._layout)
+
+    def zone_of_slots(self) -> list[str | None]:
+        """The failure-domain label of each instance slot (the ``zones`` list, cycled), or None each."""
+        zones = self.zones
+        return [None if not zones else zones[i % len(zones)] for i in range(len(self._layout))]
 
     def role_counts(self) -> dict[str, int]:
         """How many instances of each role, by role name (for summaries)."""
@@ -98,7 +107,7 @@ SERVING_KEYS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(Serv
 """ServingConfig fields a user sets (the query shape comes from the base checkpoint, the mode from the run)."""
 SYSTEM_KEYS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SystemSpec)) - {"serving", "faults"}
 """SystemSpec fields a user sets besides the serving settings and the faults."""
-_COERCE: dict[str, Callable[[Any], Any]] = {"int": int, "float": float, "str": str}
+_COERCE: dict[str, Callable[[Any], Any]] = {"int": int, "float": float, "str": str, "float | None": float}
 
 
 def serving_config(query_shape: Sequence[int], *, mode: str | None = None,
@@ -129,7 +138,7 @@ def serving_config(query_shape: Sequence[int], *, mode: str | None = None,
 def resolve_system(base: str | Path, *, parity: str | Path | None = None, cheap: str | Path | None = None,
                    mode: str | None = None, serving: Mapping[str, Any] | None = None, instances: int | None = None,
                    faults: FaultSpec | None = None, emulated_ms: float | None = None, backend: str | None = None,
-                   ray_address: str | None = None) -> SystemSpec:
+                   ray_address: str | None = None, zones: Sequence[str] | None = None) -> SystemSpec:
     """The one place a serving system's configuration is resolved (``parm serve``, ``bench``, ``demo``).
 
     Every argument that is None was not given and takes its dataclass default (:class:`SystemSpec`,
@@ -142,19 +151,21 @@ def resolve_system(base: str | Path, *, parity: str | Path | None = None, cheap:
     settings = {name: value for name, value in (serving or {}).items() if value is not None}
     base_record = load_record(base)
     if parity is not None:
-        parity_record = load_record(parity)
-        check_parity_matches(base_record, parity_record, k=settings.get("k"), encoder=settings.get("encoder"))
-        if parity_record.r not in (None, 1):
-            raise ConfigError(f"serving uses one parity per group; {parity} has r={parity_record.r}",
-                              field="r", value=parity_record.r)
+        parity_set = load_parity_set(parity)  # one checkpoint (r = 1) or a folder of r, checked alike
+        for _, parity_record in parity_set:
+            check_parity_matches(base_record, parity_record, k=settings.get("k"), encoder=settings.get("encoder"))
+        if settings.get("r", len(parity_set)) != len(parity_set):
+            raise ConfigError(f"r={settings['r']} was asked but {parity} holds {len(parity_set)} parity model(s)",
+                              field="r", value=settings["r"])
+        settings["r"] = len(parity_set)
         for name in ("k", "encoder"):
-            if name not in settings and getattr(parity_record, name) is not None:
-                settings[name] = getattr(parity_record, name)
+            if name not in settings and getattr(parity_set[0][1], name) is not None:
+                settings[name] = getattr(parity_set[0][1], name)
     if cheap is not None:
         _check_cheap(base_record, load_record(cheap), str(cheap))
     config = serving_config(base_record.in_shape, mode=mode, settings=settings)
     given: dict[str, Any] = {"instances": instances, "emulated_ms": emulated_ms, "backend": backend,
-                             "ray_address": ray_address}
+                             "ray_address": ray_address, "zones": None if zones is None else tuple(zones)}
     return SystemSpec(base=str(base), serving=config, parity=None if parity is None else str(parity),
                       cheap=None if cheap is None else str(cheap), faults=faults,
                       **{name: value for name, value in given.items() if value is not None})
@@ -170,12 +181,18 @@ def _check_cheap(base: ModelRecord, cheap: ModelRecord, path: str) -> None:
 
 
 def instance_specs(spec: SystemSpec) -> list[InstanceSpec]:
-    """One InstanceSpec per role, each with its own fault schedule; the approximate model's
-    emulated time is 1/k of the others' (it stands for a model k times cheaper)."""
-    models = {"data": spec.base, "parity": spec.parity, "cheap": spec.cheap}
-    emulated = {"data": spec.emulated_ms, "parity": spec.emulated_ms, "cheap": spec.emulated_ms / spec.serving.k}
-    specs = [InstanceSpec(i, role, ModelRef(checkpoint=str(models[role])), emulated[role])
-             for i, role in enumerate(spec.roles())]
+    """One InstanceSpec per role, each with its own fault schedule; parity role i runs parity
+    model i of the parity set (and, in mode coded-hedge, holds the deployed model as its spare);
+    the approximate model's emulated time is 1/k of the others' (it stands for a model k times
+    cheaper)."""
+    models: dict[str, str | None] = {"data": spec.base, "cheap": spec.cheap}
+    if spec.parity is not None and spec.serving.mode in CODED_MODES:
+        models |= {parity_role(i): str(path) for i, (path, _) in enumerate(load_parity_set(spec.parity))}
+    spare = ModelRef(checkpoint=spec.base)
+    specs = [InstanceSpec(i, role, ModelRef(checkpoint=str(models[role])),
+                          spec.emulated_ms / spec.serving.k if role == "cheap" else spec.emulated_ms, zone=zone,
+                          spare=spare if holds_spare(spec.serving.mode, role) else None)
+             for i, (role, zone) in enumerate(zip(spec.roles(), spec.zone_of_slots()))]
     if spec.faults is not None:
         spec.faults.check_instances(len(specs))
     return with_faults(specs, spec.faults)

@@ -228,3 +228,22 @@ def test_demo_experiment_is_packaged_and_holds_the_demo_defaults() -> None:
     assert exp.system == {"instances": 2, "emulated_ms": 5.0}
     assert exp.load == {"queries": 2000, "rate": 150, "warmup": 200, "trials": 3, "seed": 0}
     assert exp.faults == parse_fault_spec("slow:rate_hz=0.1,duration_s=1,factor=20;crash:instance=1,at_s=8;seed=1")
+
+
+def test_a_folder_of_r_parity_checkpoints_gives_r_and_one_role_per_parity_model(tmp_path: Path,
+                                                                                 ckpts: dict[str, Path]) -> None:
+    folder = tmp_path / "k2-r2"
+    for i in range(2):
+        _record(folder / f"parity-{i}", kind="parity", k=2, r=2, parity_index=i, encoder="add", base_sha256="b" * 64)
+    spec = resolve_system(ckpts["base"], parity=folder, mode="coded-hedge", instances=2, zones=("a", "b"))
+    assert (spec.serving.k, spec.serving.r, spec.serving.mode) == (2, 2, "coded-hedge")
+    assert spec.roles() == ["data", "data", "parity", "parity1"]  # cost m + ceil(m·r/k)
+    from parm.system import instance_specs
+
+    specs = instance_specs(spec)
+    assert [s.model.checkpoint for s in specs[2:]] == [str(folder / "parity-0"), str(folder / "parity-1")]
+    assert [s.zone for s in specs] == ["a", "b", "a", "b"]
+    with pytest.raises(ConfigError, match="r=1 was asked but .* holds 2 parity model"):
+        resolve_system(ckpts["base"], parity=folder, serving={"r": 1})
+    equal = resolve_system(ckpts["base"], mode="equal", instances=2, serving={"k": 2, "r": 2})
+    assert equal.roles() == ["data"] * 4  # the same cost as coded with r = 2

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fakes import FakeBackend, specs_for
-from parm.errors import BadQueryError, DeadlineExceededError, OverloadedError, ServingError
+from parm.errors import BadQueryError, ConfigError, DeadlineExceededError, OverloadedError, ServingError
 from parm.models.toy import linear
-from parm.serving.config import MODES, ServingConfig, instance_roles
+from parm.serving.config import CODED_MODES, MODES, ServingConfig, instance_roles
 from parm.serving.frontend import Frontend
 from parm.serving.types import Prediction, Source
 from parm.testing import run_virtual
@@ -39,10 +39,11 @@ def first_data(frontend) -> int:
     """The data instance the next batch goes to (the one idle longest)."""
     return frontend.dispatcher.idle_order("data")[0]
 
-def build(mode: str = "coded", *, m: int = 2, k: int = 2, delay_s: float = 0.001, restart_s: float = 0.005,
+def build(mode: str = "coded", *, m: int = 2, k: int = 2, r: int = 1, delay_s: float = 0.001, restart_s: float = 0.005,
           **config) -> tuple[Frontend, FakeBackend]:
-    backend = FakeBackend(specs_for(instance_roles(mode, m, k), S, C, k), delay_s=delay_s, restart_s=restart_s)
-    frontend = Frontend(ServingConfig(query_shape=S, mode=mode, k=k, **config), backend, clock=loop_time)
+    backend = FakeBackend(specs_for(instance_roles(mode, m, k, r), S, C, k, spare_on_parity=mode == "coded-hedge"),
+                          delay_s=delay_s, restart_s=restart_s)
+    frontend = Frontend(ServingConfig(query_shape=S, mode=mode, k=k, r=r, **config), backend, clock=loop_time)
     return frontend, backend
 
 
@@ -121,7 +122,7 @@ def test_every_mode_answers_every_query_with_the_true_output(mode: str, k: int) 
     preds = run(main())
     assert len(preds) == len(qs)
     assert_true_scores(preds, qs)
-    allowed = {Source.ORIGINAL, Source.RECONSTRUCTED} if mode == "coded" else {Source.ORIGINAL}
+    allowed = {Source.ORIGINAL, Source.RECONSTRUCTED} if mode in CODED_MODES else {Source.ORIGINAL}
     assert {p.source for p in preds} <= allowed
     assert count(frontend) == len(qs)
     assert sample(frontend, "parm_query_latency_seconds_count") == len(qs)
@@ -746,3 +747,185 @@ def test_round_robin_serves_a_dead_instance_queue_elsewhere_while_its_restart_is
     assert_true_scores(preds, qs)  # on the old dispatcher: DeadlineExceededError for the queries queued for 1
     assert all(p.instance == 0 for p in preds)
     assert backend.crashes == [1] and not backend.healthy(1)
+
+
+# ---- coded-hedge: ParM with a hedged fallback ---------------------------------------------------
+@pytest.mark.parametrize("mode", ["coded", "coded-hedge"])
+def test_coded_hedge_resends_a_batch_its_group_cannot_decode_and_coded_waits_for_the_stall_kill(mode: str) -> None:
+    """A data instance stalls while the parity instance is stalled too: the group cannot decode.
+    coded-hedge re-sends the late batch to the other data instance at the hedge deadline; coded
+    can only wait until the stall watcher kills the instance (stall_timeout_ms)."""
+    frontend, backend = build(mode, m=2, k=2, stall_timeout_ms=2_000)
+    (parity,) = ids(backend, "parity")
+    qs = queries(2, seed=41)
+
+    async def main():
+        async with serving(frontend):
+            await warm_up(frontend)
+            first = first_data(frontend)
+            backend.stall(first)
+            backend.stall(parity)
+            return await answers([frontend.submit(q) for q in qs], timeout_s=5.0)
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    late = max(preds, key=lambda p: p.latency_ms)
+    assert late.source is Source.RETRIED
+    if mode == "coded-hedge":
+        assert late.latency_ms < 50  # the hedge deadline (a few ms of service time), not the stall timeout
+        assert backend.kills == []
+    else:
+        assert late.latency_ms >= 2_000
+
+
+def test_coded_hedge_does_not_resend_a_batch_its_group_decodes_in_time() -> None:
+    frontend, backend = build("coded-hedge", m=2, k=2, stall_timeout_ms=2_000)
+    qs = queries(2, seed=42)
+
+    async def main():
+        async with serving(frontend):
+            await warm_up(frontend)
+            backend.set_delay(first_data(frontend), 0.5)  # slow, and the group decodes it first
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert sorted(p.source.value for p in preds) == ["original", "reconstructed"]
+    assert sample(frontend, "parm_resends_total") == 0
+
+
+def test_coded_hedge_a_hedged_copy_that_answers_first_cancels_the_original() -> None:
+    frontend, backend = build("coded-hedge", m=2, k=2, stall_timeout_ms=2_000)
+    backend.honour_cancel = True
+    (parity,) = ids(backend, "parity")
+    qs = queries(2, seed=43)
+
+    async def main():
+        async with serving(frontend):
+            await warm_up(frontend)
+            first = first_data(frontend)
+            backend.stall(first)
+            backend.stall(parity)
+            preds = await answers([frontend.submit(q) for q in qs], timeout_s=5.0)
+            return preds, first
+
+    preds, first = run(main())
+    assert_true_scores(preds, qs)
+    assert any(i == first for i, _ in backend.cancels)
+
+
+# ---- accepting a reconstruction only once the original is late ----------------------------------
+def _slow_member_scenario(percentile: float | None, *, first_delay_s: float, crash: bool = False):
+    """Warm up at 10 ms per batch (so recent answer times are ~10 ms), then make the other data
+    instance and the parity fast: the group can decode the first member after ~1 ms."""
+    frontend, backend = build("coded", m=2, k=2, delay_s=0.010, stall_timeout_ms=5_000,
+                              reconstruct_percentile=percentile)
+    (parity,) = ids(backend, "parity")
+    qs = queries(2, seed=44)
+
+    async def main():
+        async with serving(frontend):
+            await warm_up(frontend, n=30)
+            first = first_data(frontend)
+            other = next(i for i in ids(backend, "data") if i != first)
+            backend.set_delay(other, 0.001)
+            backend.set_delay(parity, 0.001)
+            backend.set_delay(first, first_delay_s)
+            if crash:
+                backend.crash_on(first, backend.received(first))
+            return await answers([frontend.submit(q) for q in qs], timeout_s=5.0)
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    return preds[0], frontend
+
+
+def test_eager_reconstruction_answers_a_busy_but_healthy_members_batch_from_the_parity() -> None:
+    pred, _ = _slow_member_scenario(None, first_delay_s=0.008)
+    assert pred.source is Source.RECONSTRUCTED and pred.latency_ms < 5
+
+
+def test_a_reconstruction_is_held_while_the_original_is_not_late_and_the_original_answers() -> None:
+    pred, frontend = _slow_member_scenario(95.0, first_delay_s=0.008)
+    assert pred.source is Source.ORIGINAL
+    assert sample(frontend, "parm_reconstructions_total") == 0
+
+
+def test_a_held_reconstruction_is_used_once_the_original_is_late() -> None:
+    pred, frontend = _slow_member_scenario(95.0, first_delay_s=1.0)
+    assert pred.source is Source.RECONSTRUCTED
+    assert 9 <= pred.latency_ms < 30  # at the ~10 ms percentile, not at 1 ms and not after 1 s
+
+
+def test_a_reconstruction_is_taken_at_once_when_the_original_failed() -> None:
+    pred, _ = _slow_member_scenario(95.0, first_delay_s=0.008, crash=True)
+    assert pred.source is Source.RECONSTRUCTED and pred.latency_ms < 5
+
+
+# ---- r = 2 parities per group --------------------------------------------------------------------
+def test_r2_layout_has_one_instance_per_parity_model_at_cost_m_plus_ceil_mr_over_k() -> None:
+    assert instance_roles("coded", 2, 2, 2) == ["data", "data", "parity", "parity1"]
+    assert instance_roles("equal", 2, 2, 2) == ["data"] * 4
+    assert instance_roles("coded", 3, 2, 2) == ["data"] * 3 + ["parity", "parity1", "parity"]
+    with pytest.raises(ConfigError, match="at least 2 parity instances"):
+        instance_roles("coded", 1, 4, 2)
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_r2_decodes_two_stalled_members_of_one_group_where_r1_waits_for_the_stall_kill(r: int) -> None:
+    frontend, backend = build("coded", m=2, k=2, r=r, stall_timeout_ms=1_000)
+    qs = queries(2, seed=45)
+
+    async def main():
+        async with serving(frontend):
+            for i in ids(backend, "data"):
+                backend.stall(i)
+            return await answers([frontend.submit(q) for q in qs], timeout_s=5.0)
+
+    preds = run(main())
+    assert_true_scores(preds, qs)  # r = 2: decoded exactly by the two parity models' linear system
+    if r == 2:
+        assert [p.source for p in preds] == [Source.RECONSTRUCTED] * 2
+        assert max(p.latency_ms for p in preds) < 50
+        assert backend.kills == []
+    else:
+        assert min(p.latency_ms for p in preds) >= 1_000
+
+
+def test_r2_a_group_with_one_parity_lost_still_decodes_one_member() -> None:
+    frontend, backend = build("coded", m=2, k=2, r=2, stall_timeout_ms=2_000)
+    (p0,) = ids(backend, "parity")
+    qs = queries(2, seed=46)
+
+    async def main():
+        async with serving(frontend):
+            backend.stall(first_data(frontend))
+            backend.crash_on(p0, backend.received(p0))
+            return await answers([frontend.submit(q) for q in qs], timeout_s=5.0)
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    assert sorted(p.source.value for p in preds) == ["original", "reconstructed"]
+    assert max(p.latency_ms for p in preds) < 50
+
+
+def test_coded_hedge_runs_late_batches_on_the_parity_instance_when_every_data_instance_stalls() -> None:
+    """Both data instances stall: the group cannot be decoded (r = 1) and there is no other data
+    instance; the parity instance, which also holds the deployed model, answers the re-sends."""
+    frontend, backend = build("coded-hedge", m=2, k=2, stall_timeout_ms=5_000)
+    (parity,) = ids(backend, "parity")
+    qs = queries(4, seed=47)
+
+    async def main():
+        async with serving(frontend):
+            await warm_up(frontend)
+            for i in ids(backend, "data"):
+                backend.stall(i)
+            return await answers([frontend.submit(q) for q in qs], timeout_s=5.0)
+
+    preds = run(main())
+    assert_true_scores(preds, qs)
+    # a re-send answered on the parity instance can in turn let its group decode the other member
+    assert Source.RETRIED in {p.source for p in preds} <= {Source.RETRIED, Source.RECONSTRUCTED}
+    assert all(p.instance in (parity, None) for p in preds) and max(p.latency_ms for p in preds) < 100
+    assert backend.kills == [] and any(s.spare for s in backend.sends_to("parity"))

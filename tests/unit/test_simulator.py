@@ -285,7 +285,7 @@ def test_a_swallowed_batch_fails_at_its_deadline_and_counts_in_the_tail() -> Non
     fails the query at deadline_ms; it counts as an error and as +inf in the percentiles."""
 
     class Swallowing(SimBackend):
-        def send(self, instance_id, work_id, inputs):
+        def send(self, instance_id, work_id, inputs, *, spare=False):
             if work_id == 10:
                 return  # swallowed forever
             super().send(instance_id, work_id, inputs)

@@ -1,8 +1,8 @@
 """The Backend interface: how the frontend reaches model instances, whatever the transport.
 
-A backend owns a fixed list of instances (``InstanceSpec``: id, role, model). The frontend
-``send``s work to one instance at a time (at most a few in flight per instance, which the
-frontend enforces) and learns about outcomes only through the callbacks it passes to
+A backend owns a fixed list of instances (``InstanceSpec``: id, role, model, failure domain).
+The frontend ``send``s work to one instance at a time (at most a few in flight per instance,
+which the frontend enforces) and learns about outcomes only through the callbacks it passes to
 ``start``: a result (or a model error) per work item, an instance's failure (its process died,
 or the frontend ``kill``ed it after it stopped answering), and an instance becoming ready
 again after a restart. All callbacks run on the frontend's event loop.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,17 +53,28 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """One model instance: its id (position in the backend's list), role, model and injected faults."""
+    """One model instance: its id (position in the backend's list), role, model and injected faults.
+
+    ``zone`` labels the instance's failure domain (a node, rack or zone: what fails together) for
+    the dispatcher's placement of coding groups (see :mod:`parm.serving.dispatch`); it changes
+    nothing about how the instance runs. None: a domain of its own, shared with no other instance.
+
+    ``spare`` is a second model the instance also holds (mode coded-hedge gives parity instances
+    the deployed model): work sent with ``spare=True`` runs on it instead of ``model``.
+    """
 
     instance_id: int
     role: str
     model: ModelRef
     emulated_ms: float = 0.0  # extra service time per batch, emulating an accelerator (documented as such)
     faults: InstanceFaults | None = None  # this instance's fault schedule (built by the system wiring)
+    zone: str | None = None  # failure-domain label (node, rack, zone); None: the instance alone
+    spare: ModelRef | None = None  # a second model it also runs (work sent with spare=True)
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ConfigError(f"instance role must be one of {ROLES}; got {self.role!r}", field="role", value=self.role)
+        if self.role not in ROLES and not re.fullmatch(r"parity[1-9][0-9]*", self.role):
+            raise ConfigError(f"instance role must be one of {ROLES} or parity<i> (parity model i of r); got "
+                              f"{self.role!r}", field="role", value=self.role)
 
 
 class Backend(abc.ABC):
@@ -75,12 +87,18 @@ class Backend(abc.ABC):
         """Start every instance and return when all are ready to take work."""
 
     @abc.abstractmethod
-    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor) -> None:
-        """Hand ``inputs`` (B, *S) to the instance; the outcome arrives through a callback."""
+    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor, *, spare: bool = False) -> None:
+        """Hand ``inputs`` (B, *S) to the instance, to run on its model (on its ``spare`` model with
+        ``spare=True``); the outcome arrives through a callback."""
 
     @abc.abstractmethod
     def healthy(self, instance_id: int) -> bool:
         """True while the instance is up and accepting work."""
+
+    def zone(self, instance_id: int) -> str | None:
+        """The instance's failure domain as placement sees it: ``InstanceSpec.zone`` (a backend
+        that learns where an instance runs, such as the node of a Ray replica, may say more)."""
+        return self.instances[instance_id].zone
 
     @abc.abstractmethod
     def kill(self, instance_id: int, reason: str) -> None:

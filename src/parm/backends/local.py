@@ -127,13 +127,13 @@ class LocalBackend(Backend):
         self._slots.clear()
 
     # ---- I/O ----------------------------------------------------------------------------
-    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor) -> None:
+    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor, *, spare: bool = False) -> None:
         slot = self._slots.get(instance_id)
         if slot is None or slot.dead:
             self._loop.call_soon(self._on_result, instance_id, work_id, None, "instance is down")
             return
         array = inputs.detach().to(torch.float32).contiguous().numpy()
-        slot.sender.put((work_id, array.tobytes(), array.shape))
+        slot.sender.put((work_id, array.tobytes(), array.shape, spare))
 
     def set_time_origin(self, t0_wall_s: float) -> None:
         self.t0_wall_s = t0_wall_s
@@ -176,7 +176,8 @@ class LocalBackend(Backend):
             self._on_result(iid, msg[1], None, msg[2])
         elif msg[0] == "ready":
             slot.ready = True
-            log.info("instance %d (%s) ready, pid %d", iid, slot.spec.role, msg[2])
+            log.info("instance %d (%s%s) ready, pid %d", iid, slot.spec.role,
+                     "" if slot.spec.zone is None else f", zone {slot.spec.zone}", msg[2])
             if self._all_ready.is_set():
                 self._on_ready(iid)
             elif all(s.ready for s in self._slots.values()) and len(self._slots) == len(self.instances):

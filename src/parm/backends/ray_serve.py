@@ -11,7 +11,7 @@ transport differs:
   instance exactly as with local processes, and Serve still places, health-checks and replaces
   the replica. Each instance is its own Serve application (``parm-<token>-<id>``, no HTTP route),
   so two ParM frontends can share one cluster.
-- **Calls.** A batch goes out as ``handle.options(stream=True).run.remote(payload, shape)``: the
+- **Calls.** A batch goes out as ``handle.options(stream=True).run.remote(payload, shape, spare)``: the
   replica first says when its model thread takes the batch, then sends the output. Both are
   awaited with a deadline (``request_timeout_s``). An original that the decoder reconstructed is
   cancelled with the response's ``cancel()`` (``Backend.cancel``) if the replica has not started
@@ -82,16 +82,20 @@ def packed_checkpoint(files: dict[str, bytes]) -> nn.Module:
 
 
 def _portable(spec: InstanceSpec) -> InstanceSpec:
-    """The spec with a checkpoint folder replaced by its bytes, so any node can load it."""
-    if spec.model.checkpoint is None:
-        return spec
-    folder = Path(spec.model.checkpoint)
+    """The spec with its checkpoint folders (model and spare) replaced by their bytes, so any node can load them."""
+    return replace(spec, model=_portable_ref(spec.model), spare=None if spec.spare is None else _portable_ref(spec.spare))
+
+
+def _portable_ref(ref: ModelRef) -> ModelRef:
+    if ref.checkpoint is None:
+        return ref
+    folder = Path(ref.checkpoint)
     if not (folder / "record.json").is_file():
         raise ConfigError(f"checkpoint folder {folder} has no record.json; pass a folder written by parm train-*",
                           field="checkpoint", value=str(folder))
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())
              if p.is_file() and (p.name == "record.json" or p.suffix == ".safetensors")}
-    return replace(spec, model=ModelRef(factory="parm.backends.ray_serve:packed_checkpoint", kwargs={"files": files}))
+    return ModelRef(factory="parm.backends.ray_serve:packed_checkpoint", kwargs={"files": files})
 
 
 class InstanceReplica:
@@ -134,7 +138,7 @@ class InstanceReplica:
         if self.released is not None:
             self.released.set()
 
-    async def run(self, payload: bytes, shape: tuple[int, ...]):  # noqa: ANN201 - an async generator Serve streams
+    async def run(self, payload: bytes, shape: tuple[int, ...], spare: bool = False):  # noqa: ANN201 - an async generator
         """Yield ``None`` when the model thread takes the batch, then ``(output bytes, shape)``.
 
         The first item tells the driver the batch is running: from then on a cancel no longer
@@ -147,7 +151,7 @@ class InstanceReplica:
 
         def job() -> np.ndarray:
             loop.call_soon_threadsafe(started.set)
-            return self.runner.run(payload, shape)
+            return self.runner.run(payload, shape, spare)
 
         future = loop.run_in_executor(self.pool, job)
         try:
@@ -420,13 +424,13 @@ class RayServeBackend(Backend):
         task.add_done_callback(inst.tasks.discard)
 
     # ---- I/O ----------------------------------------------------------------------------
-    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor) -> None:
+    def send(self, instance_id: int, work_id: int, inputs: torch.Tensor, *, spare: bool = False) -> None:
         inst = self._state.get(instance_id)
         if inst is None or not inst.healthy:
             self._loop.call_soon(self._on_result, instance_id, work_id, None, "instance is down")
             return
         array = inputs.detach().to(torch.float32).contiguous().numpy()
-        call = _Call(inst.stream_handle.run.remote(array.tobytes(), array.shape))
+        call = _Call(inst.stream_handle.run.remote(array.tobytes(), array.shape, spare))
         inst.pending[work_id] = call
         self._spawn(inst, self._await(inst, inst.generation, work_id, call))
 

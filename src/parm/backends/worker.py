@@ -38,6 +38,7 @@ class ModelRunner:
         torch.set_num_threads(1)
         self.spec, self.faults, self.t0_wall_s = spec, spec.faults, t0_wall_s
         self.model = spec.model.build()
+        self.spare = None if spec.spare is None else spec.spare.build()
         self.seq = 0
         self.set_origin(t0_wall_s)
 
@@ -54,10 +55,13 @@ class ModelRunner:
         return self.faults is not None and self.faults.stalls_at(self.now_s(), self.started_s)
 
     @torch.inference_mode()
-    def run(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    def run(self, payload: bytes, shape: tuple[int, ...], spare: bool = False) -> np.ndarray:
         start = time.perf_counter()
         x = torch.from_numpy(np.frombuffer(payload, dtype=np.float32).reshape(shape).copy())  # (B, *S)
-        out = self.model(x).float().numpy()  # (B, C)
+        model = self.model if not spare else self.spare
+        if model is None:
+            raise ValueError(f"instance {self.spec.instance_id} holds no spare model")
+        out = model(x).float().numpy()  # (B, C)
         compute_s = time.perf_counter() - start
         target_s = compute_s + self.spec.emulated_ms / 1e3
         if self.faults is not None:
@@ -91,13 +95,13 @@ def serve_forever(conn: Channel, spec: InstanceSpec, t0_wall_s: float) -> None:
         if msg[0] == "t0":
             runner.set_origin(msg[1])
             continue
-        work_id, payload, shape = msg
+        work_id, payload, shape, spare = msg
         if runner.crash_at_s is not None and runner.now_s() >= runner.crash_at_s:
             os._exit(INJECTED_CRASH_EXIT)
         while runner.stalled():  # alive but silent: the frontend has to notice and kill us
             time.sleep(0.05)
         try:
-            out = runner.run(payload, shape)
+            out = runner.run(payload, shape, spare)
         except Exception as exc:  # a model error answers this batch with an error, the worker lives on
             conn.send(("err", work_id, f"{type(exc).__name__}: {exc}"))
             continue

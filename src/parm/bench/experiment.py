@@ -23,6 +23,7 @@ kind = "slow"; rate_hz = 0.1; duration_s = 1.0; factor = 20
 ks = [2, 3, 4]                      # needs [parities] with a checkpoint per k
 batch_sizes = [1, 2, 4]
 slow_rates_hz = [0.05, 0.1, 0.2]    # scales the background-load fault
+reconstruct_percentiles = ["off", 90, 99]  # coded modes' reconstruct_percentile ("off": eager)
 [simulate]                          # parm simulate: same file, simulated instances
 modes = ["equal", "coded", "hedge"] # optional: the modes to simulate (default: the file's)
 instances = 12
@@ -63,7 +64,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef,unused-ignore]
 
-SWEEPS = ("rates", "ks", "batch_sizes", "slow_rates_hz")
+SWEEPS = ("rates", "ks", "batch_sizes", "slow_rates_hz", "reconstruct_percentiles")
 # [system]: the serving settings and the system's own (both read from their dataclasses), one parity
 # checkpoint per k, and the data folder; the backend is chosen on the command line.
 SYSTEM_SECTION_KEYS = frozenset(SERVING_KEYS | (SYSTEM_KEYS - {"backend", "ray_address"}) | {"parities", "data_root"})
@@ -88,10 +89,11 @@ class Point:
     batch_size: int
     faults: FaultSpec | None
     label: str
+    settings: dict[str, Any] = field(default_factory=dict)  # serving settings this point sets (by field name)
 
     def to_json(self) -> dict[str, Any]:
         return {"rate": self.rate, "k": self.k, "batch_size": self.batch_size, "label": self.label,
-                "faults": None if self.faults is None else self.faults.to_text()}
+                "faults": None if self.faults is None else self.faults.to_text(), "settings": self.settings}
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,10 @@ class Experiment:
             return [Point(rates[0], int(v), batch, self.faults, f"k={v}") for v in self.sweep["ks"]]
         if "batch_sizes" in self.sweep:
             return [Point(rates[0], k, int(v), self.faults, f"B={v}") for v in self.sweep["batch_sizes"]]
+        if "reconstruct_percentiles" in self.sweep:
+            return [Point(rates[0], k, batch, self.faults, "eager" if v == "off" else f"recon>p{v:g}",
+                          {"reconstruct_percentile": None if v == "off" else float(v)})
+                    for v in self.sweep["reconstruct_percentiles"]]
         if "slow_rates_hz" in self.sweep:
             return [Point(rates[0], k, batch, _scale_slow(self.faults, float(v)), f"slow={v}Hz")
                     for v in self.sweep["slow_rates_hz"]]

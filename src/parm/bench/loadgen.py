@@ -83,15 +83,17 @@ class Sink:
     of the measured queries (index >= ``warmup``); subclasses keep their latencies.
 
     ``sources`` counts every measured query by where its answer came from, a failed query as
-    ``error`` and a lost one as ``lost``. ``restarts`` (instances that failed and came back) is set
-    by whoever ran the system; ``elapsed_s`` by the driver: the run's length on its clock, from
-    the first scheduled send to the end of the run."""
+    ``error`` and a lost one as ``lost``. ``restarts`` (instances that failed and came back) and
+    ``resends`` (the frontend's re-sent data batches) are set by whoever ran the system;
+    ``elapsed_s`` by the driver: the run's length on its clock, from the first scheduled send to
+    the end of the run."""
 
     def __init__(self, warmup: int = 0) -> None:
         self.warmup = warmup
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.sources: dict[str, int] = {}
         self.restarts: int | None = None
+        self.resends: int | None = None  # data batches sent again (hedge, failure), warm-up included
         self.elapsed_s = 0.0
 
     def answered(self, index: int, scheduled_s: float, sent_s: float, answered_s: float,

@@ -96,3 +96,36 @@ def plot_sweep(out: Path, points: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(out / "sweep_gap_ratio.png", dpi=110)
     plt.close(fig)
+
+
+def plot_tradeoff(out: Path, points: list[dict[str, Any]]) -> None:
+    """Latency against accuracy across a sweep of a serving setting (e.g. when reconstructions
+    are accepted): one marker per point and coded mode, tail gap p99.9 − p50 on y (error bars:
+    p99.9's 95% interval) and the accuracy of the answers on x."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    modes = [m for m in points[0]["modes"] if any("accuracy" in p["modes"].get(m, {}) for p in points)]
+    for mode in modes:
+        xs, ys, bars, labels = [], [], [], []
+        for p in points:
+            s = p["modes"].get(mode, {})
+            p50, p999 = s.get("p50_ms"), s.get("p999_ms")
+            if s.get("accuracy") is None or p50 is None or p999 is None or not np.isfinite(p999):
+                continue
+            ci = s.get("p999_ms_ci") or [p999, p999]
+            xs.append(s["accuracy"])
+            ys.append(p999 - p50)
+            bars.append((max(p999 - (ci[0] if ci[0] is not None else p999), 0.0),
+                         max((ci[1] if ci[1] is not None and np.isfinite(ci[1]) else p999) - p999, 0.0)))
+            labels.append(p["point"]["label"])
+        if not xs:
+            continue
+        ax.errorbar(xs, ys, yerr=np.asarray(bars).T, marker="o", capsize=3, label=mode)
+        for x, y, text in zip(xs, ys, labels):
+            ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(yscale="log", xlabel="accuracy of the answers (top-1 vs labels)", ylabel="p99.9 - p50 (ms)",
+           title="latency / accuracy trade-off (bars: p99.9's 95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=110)
+    plt.close(fig)
+

@@ -48,18 +48,18 @@ from parm.bench.simulate import ServiceModel, sim_serving_config, simulate
 from parm.bench.stats import pooled_latencies, summarize, trial_counts
 from parm.errors import ConfigError
 from parm.faults import FaultSpec
-from parm.serving import ServingConfig, instance_roles
+from parm.serving import CODED_MODES, ServingConfig, instance_roles
 from parm.system import SERVING_KEYS, SystemSpec, count_roles, resolve_system
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 5
-CODED_FAMILY = ("coded",)
+CODED_FAMILY = CODED_MODES
 INTERVAL_METHOD = ("95% paired percentile bootstrap over trials (2000 resamples; each trial its own fault "
                    "realisation and arrivals, shared by every mode of that trial); failed, rejected and lost "
                    "queries count as +inf latency")
 CSV_FIELDS = ["point", "rate", "k", "batch_size", "mode", "instances", "trials", "p50_ms", "p50_ms_ci", "p90_ms",
-              "p99_ms", "p99_ms_ci", "p999_ms", "p999_ms_ci", "mean_ms", "max_ms", "reconstructed_fraction", "ok",
+              "p99_ms", "p99_ms_ci", "p999_ms", "p999_ms_ci", "mean_ms", "max_ms", "reconstructed_fraction", "resends", "ok",
               "errors", "rejected", "lost", "accuracy", "gap_ratio_vs_equal", "gap_ratio_vs_equal_ci",
               "median_ratio_vs_equal", "median_ratio_vs_equal_ci"]
 
@@ -110,16 +110,19 @@ def _system_specs(exp: Experiment, point: Point, modes: list[str], backend: str 
     mode then uses; else the serving default."""
     system = exp.system
     settings = {key: system[key] for key in SERVING_KEYS if key in system}
-    settings.update(batch_size=point.batch_size, k=point.k)
+    settings.update(batch_size=point.batch_size, k=point.k, **point.settings)
     given: dict[str, Any] = dict(instances=system.get("instances"), faults=point.faults,
-                                 emulated_ms=system.get("emulated_ms"), backend=backend, ray_address=ray_address)
+                                 emulated_ms=system.get("emulated_ms"), backend=backend, ray_address=ray_address,
+                                 zones=system.get("zones"))
     specs: dict[str, SystemSpec] = {}
-    if "coded" in modes:
+    coded = [mode for mode in modes if mode in CODED_MODES]
+    if coded:
         parity = _parity_for(exp, point.k if point.k is not None else ServingConfig.default("k"))
-        specs["coded"] = resolve_system(system["base"], parity=parity, mode="coded", serving=settings, **given)
-        settings["k"] = specs["coded"].serving.k
+        for mode in coded:
+            specs[mode] = resolve_system(system["base"], parity=parity, mode=mode, serving=settings, **given)
+        settings["k"], settings["r"] = specs[coded[0]].serving.k, specs[coded[0]].serving.r  # equal cost for all
     for mode in modes:
-        if mode != "coded":
+        if mode not in CODED_MODES:
             specs[mode] = resolve_system(system["base"], cheap=system.get("cheap") if mode == "cheap" else None,
                                          mode=mode, serving=settings, **given)
     specs = {mode: specs[mode] for mode in modes}
@@ -201,10 +204,10 @@ def _simulate_point(exp: Experiment, point: Point, service: ServiceModel, m: int
     warmup = int(sim.get("warmup", exp.load.get("warmup", 0)))
     modes = list(sim.get("modes", exp.modes))
     settings = {key: sim[key] for key in SIM_SERVING_KEYS if key in sim}
-    settings.update(k=point.k, batch_size=point.batch_size)
+    settings.update(k=point.k, batch_size=point.batch_size, **point.settings)
     configs = {mode: sim_serving_config(mode, settings=settings) for mode in modes}
     point = dataclasses.replace(point, k=configs[modes[0]].k) if modes else point
-    roles = {mode: instance_roles(mode, m, configs[mode].k) for mode in modes}
+    roles = {mode: instance_roles(mode, m, configs[mode].k, configs[mode].r) for mode in modes}
     restart: dict[str, Any] = {"restart_s": float(sim["restart_s"])} if "restart_s" in sim else {}
     sinks: dict[str, list[Sink]] = {mode: [] for mode in modes}
     wall_s = {mode: 0.0 for mode in modes}
@@ -286,6 +289,8 @@ def _plot_safely(out: Path, label: str | None, **data: Any) -> None:
         return
     if "points" in data:
         plots.plot_sweep(out, data["points"])
+        if any(p["point"].get("settings") for p in data["points"]):
+            plots.plot_tradeoff(out, data["points"])
     else:
         plots.plot_cdf(out / f"cdf-{label}.png", label or "", data["tails"])
 
@@ -306,7 +311,7 @@ def format_with_interval(value: float | None, ci: list | None, digits: int = 2, 
 
 def format_progress(label: str, mode: str, stats: dict[str, Any]) -> str:
     """One line as each mode of a point finishes (the numbers formatted as in the table)."""
-    return (f"  {label:>10s} {mode:10s} instances={stats['instances']:<3d} p50={_fmt(stats['p50_ms'])} ms "
+    return (f"  {label:>10s} {mode:11s} instances={stats['instances']:<3d} p50={_fmt(stats['p50_ms'])} ms "
             f"p99={_fmt(stats['p99_ms'])} ms p99.9={_fmt(stats['p999_ms'])} ms lost={stats['lost']}")
 
 
@@ -316,15 +321,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = []
     for p in summary["points"]:
         lines.append(f"== {summary['experiment']} [{summary['kind']}] {p['point']['label']}")
-        lines.append(f"{'mode':10s} {'inst':>4s} {'p50 ms [95% CI]':>22s} {'p99 ms [95% CI]':>26s} "
-                     f"{'p99.9 ms [95% CI]':>28s} {'recon':>6s} {'ok':>7s} {'err':>5s} {'rej':>5s} {'lost':>5s} "
-                     f"{'acc':>6s}")
+        lines.append(f"{'mode':11s} {'inst':>4s} {'p50 ms [95% CI]':>22s} {'p99 ms [95% CI]':>26s} "
+                     f"{'p99.9 ms [95% CI]':>28s} {'recon':>6s} {'resent':>6s} {'ok':>7s} {'err':>5s} {'rej':>5s} "
+                     f"{'lost':>5s} {'acc':>6s}")
         for mode, s in p["modes"].items():
-            acc = s.get("accuracy")
-            lines.append(f"{mode:10s} {s['instances']:4d} {format_with_interval(s['p50_ms'], s.get('p50_ms_ci')):>22s} "
+            acc, resends = s.get("accuracy"), s.get("resends")
+            resent = "" if resends is None else f"{resends / max(s['queries'], 1):6.3f}"
+            lines.append(f"{mode:11s} {s['instances']:4d} {format_with_interval(s['p50_ms'], s.get('p50_ms_ci')):>22s} "
                          f"{format_with_interval(s['p99_ms'], s.get('p99_ms_ci')):>26s} "
                          f"{format_with_interval(s['p999_ms'], s.get('p999_ms_ci')):>28s} "
-                         f"{s['reconstructed_fraction']:6.3f} {s.get('ok', 0):7d} {s['errors']:5d} "
+                         f"{s['reconstructed_fraction']:6.3f} {resent:>6s} {s.get('ok', 0):7d} {s['errors']:5d} "
                          f"{s.get('rejected', 0):5d} {s['lost']:5d} {'' if acc is None else f'{acc:6.4f}'}")
         for ours in CODED_FAMILY:
             stats = p["modes"].get(ours, {})

@@ -54,4 +54,5 @@ async def run_mode(system: SystemSpec, inputs: torch.Tensor, load: LoadSpec, *, 
         bar.close()
         await frontend.stop()
     sink.restarts = getattr(frontend.backend, "restarts", None)
+    sink.resends = frontend.metrics.resend_count()
     return sink

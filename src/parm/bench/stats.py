@@ -92,7 +92,7 @@ def _accuracy(sink: RecordSink, labels: Sequence[int]) -> dict[str, float]:
 def _trial(sink: Sink, labels: Sequence[int] | None) -> dict[str, Any]:
     out: dict[str, Any] = {**_latencies(pooled_latencies([sink]), sink.failed_queries), "queries": sink.queries,
                            "ok": sink.ok, "errors": sink.errors, "rejected": sink.rejected, "lost": sink.lost,
-                           "sources": sink.sources, "restarts": sink.restarts}
+                           "sources": sink.sources, "restarts": sink.restarts, "resends": sink.resends}
     if labels is not None and isinstance(sink, RecordSink):
         out.update(_accuracy(sink, labels))
     return out
@@ -104,7 +104,7 @@ def summarize(trials: Sequence[Sink], *, labels: Sequence[int] | None = None) ->
     the test set's ``labels`` — accuracy, overall and per source, weighted by answered queries.
 
     Keys: ``queries``, ``ok``, ``errors``, ``rejected``, ``lost``, ``answered`` (= ok),
-    ``sources``, ``reconstructed_fraction``, ``restarts`` (None when no run reported it),
+    ``sources``, ``reconstructed_fraction``, ``restarts`` and ``resends`` (None when no run reported them),
     ``accuracy*``, ``p50_ms`` … ``p999_ms``, ``mean_ms``, ``max_ms``, ``trials``, ``per_trial``.
     """
     if not trials:
@@ -119,6 +119,8 @@ def summarize(trials: Sequence[Sink], *, labels: Sequence[int] | None = None) ->
     stats["reconstructed_fraction"] = stats["sources"].get("reconstructed", 0) / max(stats["queries"], 1)
     restarts = [t["restarts"] for t in per if t["restarts"] is not None]
     stats["restarts"] = sum(restarts) if restarts else None  # instances that failed and came back
+    resends = [t["resends"] for t in per if t["resends"] is not None]
+    stats["resends"] = sum(resends) if resends else None  # data batches sent again, warm-up included
     for key in sorted({k for t in per for k in t if k.startswith("accuracy")}):
         weights = [t["ok"] for t in per if key in t]
         stats[key] = sum(t[key] * t["ok"] for t in per if key in t) / max(sum(weights), 1)

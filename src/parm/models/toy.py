@@ -30,9 +30,11 @@ def linear(in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed:
     return Linear(tuple(in_shape), num_classes, seed)
 
 
-def linear_parity(in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int = 0, k: int = 2) -> nn.Module:
-    """The exact addition-code parity model of ``linear(in_shape, num_classes, seed)``."""
-    return Linear(tuple(in_shape), num_classes, seed, bias_scale=float(k))
+def linear_parity(in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int = 0, k: int = 2,
+                  parity_index: int = 0) -> nn.Module:
+    """The exact addition-code parity model ``parity_index`` of ``linear(in_shape, num_classes, seed)``:
+    F(x) = Ax + b and P = Σ_j w_j X_j with w_j = (j + 1) ** parity_index give F_P(P) = AP + (Σ_j w_j) b."""
+    return Linear(tuple(in_shape), num_classes, seed, bias_scale=float(sum((j + 1) ** parity_index for j in range(k))))
 
 
 class Constant(nn.Module):

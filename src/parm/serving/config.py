@@ -11,22 +11,45 @@ from typing import Any
 from parm.coding import CodeConfig
 from parm.errors import ConfigError
 
-MODES: tuple[str, ...] = ("none", "equal", "coded", "hedge", "replicate", "cheap")
+MODES: tuple[str, ...] = ("none", "equal", "coded", "coded-hedge", "hedge", "replicate", "cheap")
+CODED_MODES: tuple[str, ...] = ("coded", "coded-hedge")
+"""Modes that run parity instances (and need a parity checkpoint)."""
 DISPATCH: tuple[str, ...] = ("shared", "round_robin")
 
 
-def instance_roles(mode: str, m: int, k: int) -> list[str]:
-    """Roles of the instances a mode runs with m data instances and code parameter k.
+def parity_role(index: int) -> str:
+    """The role of the instances running parity model ``index`` (0..r-1): ``parity``,
+    ``parity1``, ``parity2``, …"""
+    return "parity" if index == 0 else f"parity{index}"
 
-    none: m. equal: m + ⌈m/k⌉ data instances (the paper's Equal-Resources). coded: m data +
-    ⌈m/k⌉ parity. hedge: m + ⌈m/k⌉ data, late batches re-sent. replicate: 2m data, every batch
-    sent twice. cheap: m data + ⌈m/k⌉ instances of a cheaper approximate model.
+
+def holds_spare(mode: str, role: str) -> bool:
+    """Whether an instance of ``role`` also holds the deployed model in ``mode``: the parity
+    instances of coded-hedge do, so that they run data batches with capacity their parity work
+    leaves over (see :mod:`parm.serving.dispatch`, spare capacity)."""
+    return mode == "coded-hedge" and role.startswith("parity")
+
+
+def instance_roles(mode: str, m: int, k: int, r: int = 1) -> list[str]:
+    """Roles of the instances a mode runs with m data instances and code parameters k and r.
+
+    Every mode but none and replicate adds E = ⌈m·r/k⌉ instances (equal cost):
+    none: m. equal: m + E data instances (the paper's Equal-Resources). coded and coded-hedge:
+    m data + E parity, parity model i on instances i, i + r, … of them (so each of the r
+    parity models has ⌊E/r⌋ or ⌈E/r⌉ instances; E >= r is required). hedge: m + E data, late
+    batches re-sent. replicate: 2m data, every batch sent twice. cheap: m data + E instances of
+    a cheaper approximate model.
     """
-    extra = math.ceil(m / k)
+    extra = math.ceil(m * r / k)
+    if mode in CODED_MODES and extra < r:
+        raise ConfigError(f"r={r} parity models need at least {r} parity instances, but m={m} data instances with "
+                          f"k={k} give only ⌈m·r/k⌉={extra}; use more data instances or a smaller r", field="r", value=r)
+    parity = [parity_role(i % r) for i in range(extra)]
     layouts = {
         "none": ["data"] * m,
         "equal": ["data"] * (m + extra),
-        "coded": ["data"] * m + ["parity"] * extra,
+        "coded": ["data"] * m + parity,
+        "coded-hedge": ["data"] * m + parity,
         "hedge": ["data"] * (m + extra),
         "replicate": ["data"] * (2 * m),
         "cheap": ["data"] * m + ["cheap"] * extra,
@@ -43,6 +66,7 @@ class ServingConfig:
     query_shape: tuple[int, ...]
     mode: str = "coded"
     k: int = 2
+    r: int = 1  # parity batches per coding group (one parity model each)
     encoder: str = "add"
     batch_size: int = 1
     batch_wait_ms: float = 1.0  # longest a query waits for its batch to fill
@@ -53,6 +77,10 @@ class ServingConfig:
     stall_timeout_ms: float = 2_000.0  # an instance silent this long on a batch is killed and restarted
     hedge_percentile: float = 95.0  # hedge/cheap: a batch later than this percentile is re-sent
     hedge_min_ms: float = 2.0
+    # coded modes: None accepts a reconstruction as soon as the group can decode it; a percentile p
+    # accepts it only once the batch is older than the p-th percentile of recent original answer
+    # times (or its instance failed), so a busy but healthy instance's answer is waited for.
+    reconstruct_percentile: float | None = None
     max_pending_queries: int = 10_000  # beyond this, new queries are refused (overload)
 
     def __post_init__(self) -> None:
@@ -69,15 +97,16 @@ class ServingConfig:
         for name in ("batch_wait_ms", "group_wait_ms", "deadline_ms", "stall_timeout_ms", "hedge_min_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}", field=name, value=getattr(self, name))
-        if not 0 < self.hedge_percentile < 100:
-            raise ConfigError(f"hedge_percentile must be in (0, 100); got {self.hedge_percentile}",
-                              field="hedge_percentile", value=self.hedge_percentile)
+        for name in ("hedge_percentile", "reconstruct_percentile"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 100:
+                raise ConfigError(f"{name} must be in (0, 100); got {value}", field=name, value=value)
 
     @functools.cached_property
     def code(self) -> CodeConfig:
-        """The code the frontend encodes and decodes with: k, r = 1 (one parity per group), encoder.
+        """The code the frontend encodes and decodes with: k, r, encoder.
         Cached: a frozen dataclass without slots keeps it in the instance dict, outside the fields."""
-        return CodeConfig(self.k, 1, self.encoder)
+        return CodeConfig(self.k, self.r, self.encoder)
 
     @classmethod
     def default(cls, name: str) -> Any:

@@ -16,15 +16,53 @@ copy of a batch it already holds (hedged or replicated copies go elsewhere), ski
 that must avoid it (a re-send after it failed), and prefers a batch whose coding group has no
 other member on it, so that one slow or dead instance rarely holds two members of a group.
 
+Spare capacity (shared dispatch): an instance that also holds the deployed model as its spare
+(``InstanceSpec.spare``: parity instances in mode coded-hedge) takes a queued data batch when it
+is idle and no work of its own role is queued, so it runs its own work first and the deployed
+model only with capacity left over; data instances are always offered data work first.
+
 Round robin never strands work: the queue of an instance that is down moves to live instances
 of its role, and a queued re-send that must avoid its instance moves to another healthy one as
 soon as one exists.
+
+Placement of coding groups. For each recent coding group the dispatcher keeps a record of the
+instances its data batches were sent to (with round robin: assigned to, from when they are
+queued) and of their failure domains (``Backend.zone``, by default ``InstanceSpec.zone``; an
+instance without a zone is a domain of its own, shared with no other instance). The record is kept for the
+``group_memory`` groups placed most recently (the least recently placed is forgotten first), so
+it stays bounded however long the server runs; a forgotten group is placed as if none of its
+members had been sent (in-flight spreading still applies).
+
+a. A data batch of a group does not go to an instance that holds another data batch of the
+   same group still in service (shared dispatch; a member already answered does not count: its
+   output is known and cannot be lost with the instance), or, with round robin, to an instance
+   another member was assigned to.
+b. A parity batch (every work of kind "parity", whatever its role) does not go to an instance
+   whose failure domain is among the domains of its group's data batches sent so far. Without
+   zones this never constrains anything: parity instances are never data instances.
+
+Both rules are preferences, never a reason to wait, and shared dispatch stays work-conserving:
+after every pump, no queued batch waits while an instance of its role that may run it (healthy,
+with a free slot, not holding a copy of it, not to be avoided) exists — as before, an instance
+looks at the first ``SCAN_LIMIT`` queued batches only. Each pump scans the free slots twice, in
+the order above: first each instance is offered only work that keeps to a and b (and to the
+spreading of in-flight groups), then everything it may take, so a batch that no free slot
+could take in the first scan (fewer instances than k, the others down or full) goes to the
+first free slot in the second, in the same pump. The price: a batch may go to a busy instance
+with a free slot, behind another batch, while an idle instance that would break a or b stays
+idle, unless other work comes for it.
+
+Round robin chooses each batch's instance when it is queued: the first instance of the cycle
+that is healthy, not avoided and keeps to a and b; else the first healthy one that is not
+avoided; else the first healthy one; else simply the next one (it is re-homed when an instance
+comes back). The cycle then moves on past the instance chosen. A re-homed batch is placed the
+same way. Round robin is not work-conserving to begin with (a batch waits for its instance).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +71,7 @@ import torch
 from parm.backends.base import Backend
 
 SCAN_LIMIT = 32  # queued items an instance looks at before settling for a fallback
+GROUP_MEMORY = 1024  # coding groups whose placement is remembered (the most recently placed)
 
 
 @dataclass(eq=False)
@@ -62,6 +101,14 @@ class InstanceState:
     cancel_acked_s: float | None = None  # a cancelled batch came back unanswered; no answer since
 
 
+@dataclass
+class GroupPlaces:
+    """Where a coding group's data batches were sent (or assigned): instances and failure domains."""
+
+    instances: set[int] = field(default_factory=set)
+    domains: set[str | int] = field(default_factory=set)  # a zone, or the instance id of one without
+
+
 class Dispatcher:
     """Queues and in-flight bookkeeping; sends through the backend (see module docstring).
 
@@ -69,12 +116,12 @@ class Dispatcher:
     set per in-flight count (``_levels[role][c]``: the instances holding c batches, in the order
     they reached c, so ``_levels[role][0]`` is the idle ones, longest idle first), in-flight and
     queued work is indexed by (kind, key), and cancelling a queued copy only marks it (it is
-    dropped when it reaches the head of the queue). ``on_send`` (if set) is called with every
-    work as it is sent.
+    dropped when it reaches the head of the queue). The placement record of coding groups holds
+    at most ``group_memory`` groups. ``on_send`` (if set) is called with every work as it is sent.
     """
 
     def __init__(self, backend: Backend, max_in_flight: int, dispatch: str, clock: Callable[[], float],
-                 stall_timeout_s: float = float("inf")) -> None:
+                 stall_timeout_s: float = float("inf"), *, group_memory: int = GROUP_MEMORY) -> None:
         self.backend = backend
         self.stall_timeout_s = stall_timeout_s
         self.max_in_flight = max_in_flight
@@ -90,7 +137,12 @@ class Dispatcher:
             role: [dict.fromkeys(ids)] + [{} for _ in range(max_in_flight - 1)] for role, ids in self._of_role.items()}
         self._by_key: dict[tuple[str, int], list[Work]] = {}
         self._live: dict[str, int] = {role: 0 for role in roles}  # queued and not cancelled
-        self._rr = {role: itertools.cycle(ids) for role, ids in self._of_role.items()}
+        self._rr = {role: 0 for role in roles}  # round robin: where the cycle of each role stands
+        # shared dispatch: instances that also hold the deployed model (InstanceSpec.spare) and their roles
+        self._spares = [] if self.round_robin else [s.instance_id for s in backend.instances if s.spare is not None]
+        self._spare_roles = {self.instances[i].role for i in self._spares}
+        self.group_memory = max(1, group_memory)
+        self._groups: OrderedDict[int, GroupPlaces] = OrderedDict()  # least recently placed first
         self._ids = itertools.count()
 
     def new_id(self) -> int:
@@ -107,6 +159,7 @@ class Dispatcher:
         if self.round_robin:
             if work.target is None:
                 work.target = self._next_target(work)
+                self._place(work, work.target)
             queue = self._own[work.target]
         else:
             queue = self._queues[work.role]
@@ -116,29 +169,100 @@ class Dispatcher:
         self.pump(work.role)
 
     def _next_target(self, work: Work, *, exclude: int | None = None) -> int:
-        """The next instance of the cycle that is healthy and not avoided (else any healthy one,
-        else simply the next one: it is re-homed when an instance comes back)."""
+        """Round robin: the first instance of the cycle that is healthy, not avoided and keeps the
+        work's group apart; else the first healthy one not avoided; else the first healthy one;
+        else simply the next one (it is re-homed when an instance comes back). The cycle moves on
+        past the instance chosen."""
         ids = self._of_role[work.role]
-        fallback = None
-        for _ in ids:
-            candidate = next(self._rr[work.role])
+        start = self._rr[work.role]
+        best: tuple[int, int] | None = None  # (rank, offset in the cycle); rank 0 is the best
+        for offset in range(len(ids)):
+            candidate = ids[(start + offset) % len(ids)]
             if candidate == exclude or not self.backend.healthy(candidate):
                 continue
-            if candidate not in work.avoid:
-                return candidate
-            fallback = candidate if fallback is None else fallback
-        return fallback if fallback is not None else next(self._rr[work.role])
+            rank = 2 if candidate in work.avoid else 0 if self._apart(work, candidate) else 1
+            if best is None or rank < best[0]:
+                best = (rank, offset)
+                if rank == 0:
+                    break
+        chosen = (start + (0 if best is None else best[1])) % len(ids)
+        self._rr[work.role] = (chosen + 1) % len(ids)
+        return ids[chosen]
+
+    def _domain(self, instance_id: int) -> str | int:
+        """The instance's failure domain: its zone, or the instance itself when it has none."""
+        zone = self.backend.zone(instance_id)
+        return instance_id if zone is None else zone
+
+    def _apart(self, work: Work, instance_id: int, held_groups: frozenset[int] | set[int] = frozenset()) -> bool:
+        """Whether ``instance_id`` keeps ``work``'s coding group apart (rules a and b of the module
+        docstring; ``held_groups``: groups of the work the instance has in flight)."""
+        if work.group is None:
+            return True
+        if work.group in held_groups:
+            return False
+        places = self._groups.get(work.group)
+        if places is None:
+            return True
+        if work.kind == "data":  # shared dispatch: only members in service count (``held_groups``)
+            return not self.round_robin or instance_id not in places.instances
+        if work.kind == "parity":
+            return self._domain(instance_id) not in places.domains
+        return True
+
+    def _place(self, work: Work, instance_id: int) -> None:
+        """Record that a data batch of a coding group goes to ``instance_id`` (bounded: see class docstring)."""
+        if work.kind != "data" or work.group is None:
+            return
+        places = self._groups.get(work.group)
+        if places is None:
+            places = self._groups[work.group] = GroupPlaces()
+            if len(self._groups) > self.group_memory:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end(work.group)
+        places.instances.add(instance_id)
+        places.domains.add(self._domain(instance_id))
+
+    def placed(self, group: int) -> GroupPlaces | None:
+        """Where the data batches of ``group`` were sent (None once forgotten, or before any)."""
+        return self._groups.get(group)
 
     def pump(self, role: str) -> None:
         """Send queued work of ``role`` to healthy instances with a free slot (see module docstring)."""
         if self.round_robin:
             self._pump_own(role)
             return
+        self._pump_shared(role)
+        if self._spares and (role == "data" or role in self._spare_roles):
+            self._pump_spares()
+
+    def _pump_spares(self) -> None:
+        """Spare capacity: an idle instance holding the deployed model as its spare (a parity
+        instance in mode coded-hedge), with no work of its own role queued, takes one data batch
+        (an original or a re-send) the data instances left queued; members of a group it
+        already holds go last."""
+        queue = self._queues.get("data")
+        for instance_id in self._spares:
+            state = self.instances[instance_id]
+            if not queue:
+                return
+            if state.in_flight or self._live[state.role] or not self.backend.healthy(instance_id):
+                continue
+            candidates = [w for w in itertools.islice(queue, SCAN_LIMIT) if not w.cancelled
+                          and instance_id not in w.avoid]
+            work = next((w for w in candidates if self._apart(w, instance_id)), candidates[0] if candidates else None)
+            if work is not None:
+                queue.remove(work)
+                self._live["data"] -= 1
+                self._send(state, work)
+
+    def _pump_shared(self, role: str) -> None:
         queue = self._queues.get(role)
         if not queue:
             return
         levels = self._levels[role]
-        for spread_groups in (True, False):  # first only work whose group is not on the instance yet
+        for spread_groups in (True, False):  # first only work that keeps its group apart (module docstring)
             for level in levels:  # idle instances first, then the least busy
                 for instance_id in list(level):  # in the order they reached this level
                     if not queue:
@@ -176,6 +300,7 @@ class Dispatcher:
                 continue  # nowhere better to go yet
             queue.remove(work)
             work.target = target
+            self._place(work, target)
             self._own[target].append(work)
 
     def _pick(self, queue: deque[Work], state: InstanceState, spread_groups: bool) -> Work | None:
@@ -188,7 +313,7 @@ class Dispatcher:
                 continue
             if (work.kind, work.key) in held_batches or self._avoids(work, state):
                 continue
-            if not spread_groups or work.group is None or work.group not in held_groups:
+            if not spread_groups or self._apart(work, state.instance_id, held_groups):
                 queue.remove(work)
                 self._live[work.role] -= 1
                 return work
@@ -219,7 +344,8 @@ class Dispatcher:
         before = len(state.in_flight)
         state.in_flight[work.work_id] = work
         self._move(state, before)
-        self.backend.send(state.instance_id, work.work_id, work.inputs)
+        self._place(work, state.instance_id)
+        self.backend.send(state.instance_id, work.work_id, work.inputs, spare=work.role != state.role)
         if self.on_send is not None:
             self.on_send(work)
 

@@ -25,9 +25,8 @@ async def watch_stalls(frontend: Frontend) -> None:
         for instance_id in dispatcher.stalled(frontend.clock(), timeout_s):
             log.warning("instance %d has not answered for %.1f s; killing it", instance_id, timeout_s)
             frontend.backend.kill(instance_id, f"no answer within stall_timeout_ms={config.stall_timeout_ms}")
-        for role in ("data", "parity", "cheap"):
-            if dispatcher.has_role(role):
-                metrics.queue_depth.labels(role).set(dispatcher.depth(role))
+        for role in sorted({s.role for s in frontend.backend.instances}):
+            metrics.queue_depth.labels(role).set(dispatcher.depth(role))
         metrics.pending_queries.set(frontend.pending_queries())
 
 

@@ -26,3 +26,7 @@ class ServingMetrics:
         self.pending_queries = Gauge("parm_pending_queries", "Queries accepted and not yet answered", registry=r)
         self.rejected = Counter("parm_rejected_queries", "Queries refused (overload, bad input)", ["reason"],
                                 registry=r)
+
+    def resend_count(self) -> int:
+        """Data batches sent again so far (hedges, failures, double erasures)."""
+        return int(self.registry.get_sample_value("parm_resends_total") or 0)

@@ -12,9 +12,12 @@ once by :func:`make_policy` decides everything that differs between modes:
   recent service times (timed from its send, on the same clock as those service times).
 - ``cheap``: the approximate model runs every batch too; its answer is used once the original
   is late by the same rule.
-- ``coded``: every batch joins a coding group (:class:`GroupTracker`); its parity batch is
-  encoded when the group is full or ``group_wait_ms`` passed (zero queries fill it; their
-  output F(0) is probed at start), and a late or lost member is reconstructed.
+- ``coded``: every batch joins a coding group (:class:`GroupTracker`); its r parity batches
+  are encoded when the group is full or ``group_wait_ms`` passed (zero queries fill it; their
+  output F(0) is probed at start), and up to r late or lost members are reconstructed
+  (optionally only once they are late: ``reconstruct_percentile``).
+- ``coded-hedge``: ``coded``, plus a hedged re-send of a batch its group could not decode
+  by the hedge deadline.
 
 Hooks a policy implements (each returns nothing; the frontend calls them):
 ``on_batch`` (a batch was formed), ``on_send`` (a work left for an instance), ``on_taken`` (a
@@ -36,6 +39,7 @@ import torch
 from parm.coding import encode
 from parm.errors import ServingError
 from parm.serving.batcher import Batch
+from parm.serving.config import parity_role
 from parm.serving.dispatch import Work
 from parm.serving.tracker import Action, Answer, Cancel, GroupTracker, Resend
 from parm.serving.types import Source
@@ -202,9 +206,14 @@ class Cheap(Hedge):
 
 
 class Coded(Policy):
-    """ParM: coding groups of k batches, a parity batch per group, reconstruction of the
-    unavailable member (see the module docstring). Partial groups are filled with zero queries,
-    whose output F(0) (``_filler``) is probed once at start."""
+    """ParM: coding groups of k batches, r parity batches per group, reconstruction of up to r
+    unavailable members (see the module docstring). Partial groups are filled with zero queries,
+    whose output F(0) (``_filler``) is probed once at start.
+
+    With ``reconstruct_percentile`` p set, a reconstruction is accepted only once its batch is
+    older than the p-th percentile of recent original answer times (from batch formation), or
+    at once if its instance failed; until then it is held and the original is waited for, so a
+    busy but healthy instance's exact answer is not replaced by an approximate one."""
 
     def __init__(self, frontend: Frontend) -> None:
         super().__init__(frontend)
@@ -213,6 +222,11 @@ class Coded(Policy):
         self._group_inputs: dict[int, list[torch.Tensor]] = {}
         self._group_timer: asyncio.TimerHandle | None = None
         self._filler: torch.Tensor | None = None
+        self._parity_index = {parity_role(i): i for i in range(self.code.r)}
+        self._formed_s: dict[int, float] = {}  # batch -> when it formed, until its original answers (bounded)
+        self._answer_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)  # batch age when its original answered
+        self._held: dict[int, torch.Tensor] = {}  # batch -> its reconstruction, waiting for the original
+        self._failed: set[int] = set()  # batches whose original failed: a reconstruction is taken at once
 
     async def start(self) -> None:
         zeros = torch.zeros(self.config.batch_size, *self.config.query_shape)  # (B, *S)
@@ -229,6 +243,10 @@ class Coded(Policy):
     def on_batch(self, batch: Batch) -> None:
         group, _, full = self.tracker.add(batch.batch_id)
         self._group_inputs.setdefault(group, []).append(batch.inputs)
+        if self.config.reconstruct_percentile is not None:
+            self._formed_s[batch.batch_id] = batch.created_s
+            if len(self._formed_s) > 4 * LATENCY_WINDOW:  # originals that never answered (aborted copies)
+                del self._formed_s[next(iter(self._formed_s))]
         self.queue_data(batch, group=group)  # data batches are never held back for encoding
         if full:
             self._encode_group(group)
@@ -249,18 +267,27 @@ class Coded(Policy):
         self.stop()
         members = self._group_inputs.pop(gid)
         members += [torch.zeros_like(members[0])] * (self.code.k - len(members))  # zero queries fill the group
-        parity = encode(self.code, torch.stack(members, dim=1))[:, 0]  # k × (B, *S) -> (B, k, *S) -> (B, *S)
-        self.dispatcher.submit(Work(self.dispatcher.new_id(), "parity", gid, "parity", parity))
+        parity = encode(self.code, torch.stack(members, dim=1))  # k × (B, *S) -> (B, k, *S) -> (B, r, *S)
+        for index in range(self.code.r):
+            self.dispatcher.submit(Work(self.dispatcher.new_id(), "parity", gid, parity_role(index), parity[:, index],
+                                        group=gid))
 
     def keeps_cancelled_output(self, work: Work) -> bool:
         return work.kind == "data"  # a late original still helps decode the rest of its group
 
     def on_output(self, work: Work, output: torch.Tensor) -> None:
         if work.kind == "parity":
-            self._apply(self.tracker.on_parity(work.key, 0, output), work.instance)
+            self._apply(self.tracker.on_parity(work.key, self._parity_index[work.role], output), work.instance)
             return
+        formed = self._formed_s.pop(work.key, None)
+        if formed is not None and not work.retry:
+            self._answer_ms.append((self.fe.clock() - formed) * 1e3)
         gid = self.tracker.group_of(work.key)
-        self._apply(self.tracker.on_output(work.key, output), work.instance)
+        self._apply(self.tracker.on_output(work.key, output, retried=work.retry), work.instance)
+        held = self._held.pop(work.key, None)
+        batch = self.fe.batch(work.key)
+        if held is not None and batch is not None:  # the original beat its held reconstruction
+            self.fe.settle(batch, Source.RETRIED if work.retry else Source.ORIGINAL, output, work.instance)
         if gid is not None and not self.tracker.has_group(gid):
             # every member is answered: a still-queued parity batch is useless. Without this a
             # parity instance slowed for a while comes back to a backlog of finished groups.
@@ -268,52 +295,114 @@ class Coded(Policy):
 
     def on_model_error(self, work: Work, error: str) -> None:
         """Parity: as if its instance failed. Data: let the group decode it, or re-send once;
-        a re-sent copy that fails too fails the batch."""
+        a re-sent copy that fails too fails the batch (unless another copy is still running)."""
         if work.kind == "parity":
-            self._apply(self.tracker.on_parity_failure(work.key, 0), None)
+            self._apply(self.tracker.on_parity_failure(work.key, self._parity_index[work.role]), None)
             return
-        if work.kind != "data" or self.fe.batch(work.key) is None:
+        batch = self.fe.batch(work.key) if work.kind == "data" else None
+        if batch is None:
             return
         if not work.retry:
-            self._apply(self.tracker.on_failure(work.key), None)
+            self._original_failed(batch)
             return
-        batch = self.fe.batch(work.key)
-        assert batch is not None
+        if self.dispatcher.holders("data", work.key):
+            return
         self.fe.settle(batch, Source.ERROR, error=ServingError(f"the model failed on this batch: {error}"))
         self.on_expired(work.key)
 
     def on_lost(self, work: Work, instance_id: int) -> None:
         if work.kind == "parity":
-            self._apply(self.tracker.on_parity_failure(work.key, 0), None)
-        elif work.kind == "data":
-            self._apply(self.tracker.on_failure(work.key), None)
+            self._apply(self.tracker.on_parity_failure(work.key, self._parity_index[work.role]), None)
+            return
+        batch = self.fe.batch(work.key) if work.kind == "data" else None
+        if batch is not None and work.retry and self.dispatcher.holders("data", work.key):
+            return  # a hedged copy died; the original is still running
+        if batch is not None:
+            self._original_failed(batch)
+
+    def _original_failed(self, batch: Batch) -> None:
+        self._failed.add(batch.batch_id)
+        held = self._held.pop(batch.batch_id, None)
+        if held is not None:
+            self._accept_reconstruction(batch, held)
+        else:
+            self._apply(self.tracker.on_failure(batch.batch_id), None)
 
     def on_expired(self, batch_id: int) -> None:
         self._apply(self.tracker.expire(batch_id), None)
 
     def on_settled(self, batch: Batch, source: Source) -> None:
+        self._held.pop(batch.batch_id, None)
+        self._failed.discard(batch.batch_id)
         if source is Source.ERROR:  # mark its copies; a late original still helps decode the group
             self.dispatcher.cancel("data", batch.batch_id, abort_sent=False)
+        elif source is not Source.RECONSTRUCTED:  # its output is known: other copies (hedges) are useless
+            self.dispatcher.cancel("data", batch.batch_id)
+
+    # ---- accepting reconstructions -------------------------------------------------------
+    def _reconstruction_wait_s(self, batch: Batch) -> float:
+        """How much longer a reconstruction of ``batch`` is held (0: accept it now)."""
+        percentile = self.config.reconstruct_percentile
+        if percentile is None or batch.batch_id in self._failed:
+            return 0.0
+        if len(self._answer_ms) < HEDGE_MIN_SAMPLES:
+            threshold_ms = max(self.config.hedge_min_ms, HEDGE_START_MS)
+        else:
+            threshold_ms = max(self.config.hedge_min_ms, float(np.percentile(self._answer_ms, percentile)))
+        return max(0.0, threshold_ms / 1e3 - (self.fe.clock() - batch.created_s))
+
+    def _accept_reconstruction(self, batch: Batch, outputs: torch.Tensor) -> None:
+        if self.fe.settle(batch, Source.RECONSTRUCTED, outputs, None):
+            self.fe.metrics.reconstructions.inc()
+        if self.dispatcher.cancel("data", batch.batch_id):
+            self.fe.metrics.cancelled.inc()
+
+    def _release(self, batch_id: int) -> None:
+        batch, held = self.fe.batch(batch_id), self._held.pop(batch_id, None)
+        if batch is not None and held is not None:
+            self._accept_reconstruction(batch, held)
 
     def _apply(self, actions: list[Action], instance: int | None) -> None:
+        held_now: set[int] = set()
         for action in actions:
             if isinstance(action, Answer):
                 batch = self.fe.batch(action.batch_id)
-                if batch is None or action.source is Source.ERROR:
+                if batch is None or action.source is Source.ERROR or action.outputs is None:
                     continue  # already settled (an ERROR answer: failed by its deadline)
-                reconstructed = action.source is Source.RECONSTRUCTED
-                if self.fe.settle(batch, action.source, action.outputs, None if reconstructed else instance) \
-                        and reconstructed:
+                if action.source is not Source.RECONSTRUCTED:
+                    self.fe.settle(batch, action.source, action.outputs, instance)
+                    continue
+                wait_s = self._reconstruction_wait_s(batch)
+                if wait_s > 0:  # the original is not late yet: hold the reconstruction
+                    self._held[batch.batch_id] = action.outputs
+                    held_now.add(batch.batch_id)
+                    batch.timers.append(asyncio.get_running_loop().call_later(wait_s, self._release, batch.batch_id))
+                elif self.fe.settle(batch, action.source, action.outputs, None):
                     self.fe.metrics.reconstructions.inc()
             elif isinstance(action, Cancel):
-                if self.dispatcher.cancel("data", action.batch_id):
+                if action.batch_id not in held_now and self.dispatcher.cancel("data", action.batch_id):
                     self.fe.metrics.cancelled.inc()
             elif isinstance(action, Resend):
                 self.resend(action.batch_id)
 
 
+class CodedHedge(Coded, Hedge):
+    """``coded-hedge``: ParM with a hedged fallback. Groups are decoded as in ``coded``; in
+    addition a data batch still unanswered once its original has been in service longer than
+    the hedge deadline (``hedge_percentile`` of recent service times, as ``hedge``) — so its
+    group could not decode it: another member or the parity is late too — is re-sent to another
+    data instance. The first of original, reconstruction and re-sent copy answers; the others
+    are cancelled. Re-sends run on data instances (they hold the deployed model; the parity
+    instances hold only the parity model)."""
+
+    def on_late(self, batch: Batch, work: Work) -> None:
+        if batch.batch_id in self._held:
+            return  # a reconstruction is ready and will be taken at its own deadline
+        super().on_late(batch, work)
+
+
 POLICIES: dict[str, type[Policy]] = {"none": Single, "equal": Single, "replicate": Replicate, "hedge": Hedge,
-                                     "cheap": Cheap, "coded": Coded}
+                                     "cheap": Cheap, "coded": Coded, "coded-hedge": CodedHedge}
 
 
 def make_policy(frontend: Frontend) -> Policy:

@@ -152,8 +152,8 @@ class GroupTracker:
         return len(self._groups)
 
     # ---- events -------------------------------------------------------------------------
-    def on_output(self, batch_id: int, output: torch.Tensor) -> list[Action]:
-        """The original output (B, C) of a data batch arrived."""
+    def on_output(self, batch_id: int, output: torch.Tensor, *, retried: bool = False) -> list[Action]:
+        """The deployed model's output (B, C) of a data batch arrived (``retried``: from a re-sent copy)."""
         member, group = self._lookup(batch_id)
         if member is None or group is None:
             self.late_originals += 1
@@ -164,7 +164,7 @@ class GroupTracker:
             self.late_originals += 1
         else:
             member.answered = True
-            actions.append(Answer(batch_id, output, Source.RETRIED if member.resent else Source.ORIGINAL))
+            actions.append(Answer(batch_id, output, Source.RETRIED if member.resent or retried else Source.ORIGINAL))
         return self._after_change(group, actions)
 
     def on_parity(self, gid: int, index: int, output: torch.Tensor) -> list[Action]:

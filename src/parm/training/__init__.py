@@ -5,7 +5,7 @@ from parm.training.base import train_base
 from parm.training.config import OptimConfig, ParityConfig, base_recipe, parity_recipe
 from parm.training.evaluate import EvalResult, evaluate
 from parm.training.metrics import default_top1, degraded_metrics, overall_accuracy, topk_correct
-from parm.training.parity import train_parity
+from parm.training.parity import train_parities, train_parity
 
 __all__ = [
     "EvalResult",
@@ -19,5 +19,6 @@ __all__ = [
     "parity_recipe",
     "topk_correct",
     "train_base",
+    "train_parities",
     "train_parity",
 ]

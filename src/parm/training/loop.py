@@ -9,6 +9,7 @@ continues after the last finished epoch; a different configuration is refused by
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -175,6 +176,18 @@ class _Fitter:
         self.epoch += 1
         self.save_state()
         return metrics
+
+
+def finished(state_dir: Path, fingerprint: dict[str, Any], optim: OptimConfig) -> bool:
+    """Whether ``state_dir`` holds a run with this fingerprint (as in :class:`FitSpec`) that already
+    ran all ``optim.epochs`` epochs, so ``fit`` would train nothing. Reads only the state record."""
+    try:
+        record = json.loads((state_dir / STATE_RECORD).read_text())
+        saved, epoch = record["fingerprint"], int(record["epoch"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    want = {**fingerprint, **optim.to_json()}
+    return epoch >= optim.epochs and all(saved.get(name) == value for name, value in want.items())
 
 
 def fit(model: nn.Module, spec: FitSpec) -> FitResult:

@@ -4,6 +4,11 @@ Data path: dataset -> frozen base model -> cached base outputs (N, C) -> groups 
 every epoch -> encoder -> parity model -> MSE against the weighted sum of base outputs.
 Everything stays as tensors in memory; a step is a handful of indexing ops, no per-sample
 Python. The epoch kept is the one with the best validation reconstruction accuracy.
+
+:func:`train_parity` trains one parity model (index i of the code's r) into one folder;
+:func:`train_parities` trains all r of them, one after another, into the parity-set layout of
+:func:`parm.checkpoint.parity_set_dirs`: ``out`` itself for r = 1, else ``out/parity-0`` ...
+``out/parity-<r-1>``, which :func:`parm.checkpoint.load_parity_set` reads back in order.
 """
 
 from __future__ import annotations
@@ -17,21 +22,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from parm.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
-from parm.coding import encode, reconstruct_each
+from parm.checkpoint import (
+    ModelRecord,
+    check_parity_matches,
+    load_checkpoint,
+    load_record,
+    parity_set_dirs,
+    save_checkpoint,
+)
+from parm.coding import CodeConfig, encode, reconstruct_each
 from parm.data import ArrayDataset, load_dataset, train_val_split
 from parm.data.groups import fixed_groups, sample_groups
 from parm.data.registry import Split
-from parm.errors import ConfigError
+from parm.errors import CheckpointError, ConfigError
 from parm.models import build_model
 from parm.training.config import OptimConfig, ParityConfig
-from parm.training.loop import FitSpec, fit
+from parm.training.loop import FitSpec, finished, fit
 from parm.training.metrics import degraded_metrics
 from parm.training.outputs import cached_outputs
 
 log = logging.getLogger(__name__)
 
 VAL_GROUP_SEED = 1
+RESUME_DIR = "resume"  # fit's state folder inside a parity checkpoint folder
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,16 @@ def _parity_record(parity: ParityConfig, base: ModelRecord, optim: OptimConfig, 
     )
 
 
+def _fingerprint(parity: ParityConfig, base: ModelRecord) -> dict[str, object]:
+    return {"kind": "parity", "base_sha256": base.weights_sha256, **parity.to_json()}
+
+
+def _desc(parity: ParityConfig) -> str:
+    code = parity.code
+    which = f" p{parity.parity_index}/{code.r}" if code.r > 1 else ""
+    return f"train-parity k={code.k} {code.encoder}{which}"
+
+
 def load_coded_split(
     base_dir: str | Path, split: Split, *, data_root: str | Path | None = None, download: bool = False,
     cache_dir: str | Path | None = None,
@@ -159,11 +182,60 @@ def train_parity(
     spec = FitSpec(
         optim=optim, steps_per_epoch=math.ceil((len(train.images) // parity.code.k) / optim.batch_size),
         batches=_batches(parity, train, optim.batch_size), loss_fn=F.mse_loss, validate=validate,
-        save_best=save_best, state_dir=out / "resume",
-        fingerprint={"kind": "parity", "base_sha256": base.weights_sha256, **parity.to_json()},
-        best_path=out, progress=progress, desc=f"train-parity k={parity.code.k} {parity.code.encoder}",
+        save_best=save_best, state_dir=out / RESUME_DIR, fingerprint=_fingerprint(parity, base),
+        best_path=out, progress=progress, desc=_desc(parity),
     )
     result = fit(model, spec)
-    log.info("parity k=%d %s: best epoch %d, val reconstruction accuracy %.4f",
-             parity.code.k, parity.code.encoder, result.best_epoch + 1, result.best_metrics["score"])
+    log.info("%s: best epoch %d, val reconstruction accuracy %.4f",
+             _desc(parity), result.best_epoch + 1, result.best_metrics["score"])
     return load_checkpoint(out)[1]
+
+
+def _already_trained(out: Path, parity: ParityConfig, base: ModelRecord, optim: OptimConfig) -> ModelRecord | None:
+    """The record in ``out`` when its run finished every epoch with this configuration, else None."""
+    if not finished(out / RESUME_DIR, _fingerprint(parity, base), optim):
+        return None
+    try:
+        record = load_record(out)
+        check_parity_matches(base, record, k=parity.code.k, r=parity.code.r, encoder=parity.code.encoder,
+                             parity_index=parity.parity_index)
+    except CheckpointError:
+        return None
+    return record
+
+
+def train_parities(
+    base_dir: str | Path,
+    out: str | Path,
+    code: CodeConfig,
+    optim: OptimConfig,
+    *,
+    arch: str | None = None,
+    init: str = "scratch",
+    recipe: str = "custom",
+    data_root: str | Path | None = None,
+    download: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[ModelRecord]:
+    """Train all ``code.r`` parity models for the base checkpoint at ``base_dir``, one after another
+    (:func:`train_parity` each, one progress bar each); returns their records by parity index.
+
+    Layout: r = 1: ``out`` is the parity checkpoint; r > 1: ``out/parity-<i>`` for i in 0..r-1, each an
+    ordinary parity checkpoint with r=code.r and parity_index=i. Pass ``out`` to
+    :func:`parm.checkpoint.load_parity_set`. Running again resumes per model: an index whose run
+    finished every epoch with this configuration (and whose record fits) is skipped without loading
+    any data; an interrupted one continues after its last finished epoch.
+    """
+    base = load_record(base_dir)
+    records = []
+    for i, folder in enumerate(parity_set_dirs(out, code.r)):
+        parity = ParityConfig(code=code, parity_index=i, arch=arch, init=init)
+        record = _already_trained(folder, parity, base, optim)
+        if record is not None:
+            log.info("%s: already trained in %s, skipped", _desc(parity), folder)
+        else:
+            record = train_parity(base_dir, folder, parity, optim, recipe=recipe, data_root=data_root,
+                                  download=download, cache_dir=cache_dir, progress=progress)
+        records.append(record)
+    return records
