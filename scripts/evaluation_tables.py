@@ -3,7 +3,8 @@
     python scripts/evaluation_tables.py runs/bench/load runs/simulate/load ...
 
 Every figure is printed with its 95% interval over trials (`[low, high]`); `inf` is a percentile
-reached by failed queries, `undefined` a ratio whose denominator is not finite.
+reached by failed queries, `undefined` a ratio whose denominator is not finite; `resent` is re-sent
+data batches per measured query (the warm-up's re-sends included).
 """
 
 from __future__ import annotations
@@ -38,22 +39,24 @@ def table(path: Path) -> str:
     trials = {s.get("trials") for p in summary["points"] for s in p["modes"].values()}
     lines = [f"**{summary['experiment']}** ({summary['kind']}, `{path}`, {'/'.join(map(str, sorted(trials)))} "
              "trials per mode, 95% intervals)", "",
-             "| point | mode | inst | p50 ms | p99 ms | p99.9 ms | ok / err / rej / lost | recon | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    ratios = ["", "| point | ParM vs | gap ratio (p99.9 − p50 of baseline / of ParM) | ParM median / baseline median "
-              "| gap ratio in each trial |", "|---|---|---|---|---|"]
+             "| point | mode | inst | p50 ms | p99 ms | p99.9 ms | ok / err / rej / lost | recon | resent | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = ["", "| point | ParM | vs | gap ratio (p99.9 − p50 of baseline / of ParM) | ParM median / baseline median "
+              "| gap ratio in each trial |", "|---|---|---|---|---|---|"]
     for p in summary["points"]:
         for mode, s in p["modes"].items():
-            acc = s.get("accuracy")
+            acc, resends = s.get("accuracy"), s.get("resends")
+            resent = "—" if resends is None else f"{resends / max(s['queries'], 1):.3f}"
             lines.append(f"| {p['point']['label']} | {mode} | {s['instances']} | {_ci(s, 'p50_ms')} | "
                          f"{_ci(s, 'p99_ms')} | {_ci(s, 'p999_ms')} | {s.get('ok', 0)} / {s['errors']} / "
-                         f"{s.get('rejected', 0)} / {s['lost']} | {s['reconstructed_fraction']:.3f} | "
+                         f"{s.get('rejected', 0)} / {s['lost']} | {s['reconstructed_fraction']:.3f} | {resent} | "
                          f"{'—' if acc is None else f'{acc:.4f}'} |")
         for ours in CODED_FAMILY:
             stats = p["modes"].get(ours, {})
             for base in p["modes"]:
                 if base != ours and f"gap_ratio_vs_{base}" in stats:
-                    ratios.append(f"| {p['point']['label']} | {base} | {_ci(stats, f'gap_ratio_vs_{base}', unit='×')} | "
+                    ratios.append(f"| {p['point']['label']} | {ours} | {base} | "
+                                  f"{_ci(stats, f'gap_ratio_vs_{base}', unit='×')} | "
                                   f"{_ci(stats, f'median_ratio_vs_{base}', 3)} | "
                                   f"{_per_trial_ratios(p['modes'][base], stats)} |")
     return "\n".join(lines + (ratios if len(ratios) > 3 else []))

@@ -62,7 +62,7 @@ def specs_for(roles: list[str], in_shape: tuple[int, ...], num_classes: int, k: 
     refs = {"data": data_ref(in_shape, num_classes), "parity": parity_ref(in_shape, num_classes, k),
             "cheap": data_ref(in_shape, num_classes, seed=cheap_seed),
             **{f"parity{i}": parity_ref(in_shape, num_classes, k, parity_index=i) for i in range(1, 8)}}
-    spare = data_ref(in_shape, num_classes) if spare_on_parity else None  # coded-hedge: parity holds F too (holds_spare)
+    spare = data_ref(in_shape, num_classes) if spare_on_parity else None  # ServingConfig.holds_spare
     return [InstanceSpec(i, role, refs[role], spare=spare if role.startswith("parity") else None)
             for i, role in enumerate(roles)]
 

@@ -20,7 +20,7 @@ from parm.backends.base import Backend
 from parm.checkpoint import ModelRecord, check_parity_matches, load_parity_set, load_record
 from parm.errors import CheckpointMismatchError, ConfigError
 from parm.faults import DEFAULT_HORIZON_S, FaultSpec, instance_schedules
-from parm.serving import CODED_MODES, Frontend, ServingConfig, ServingMetrics, holds_spare, instance_roles, parity_role
+from parm.serving import CODED_MODES, Frontend, ServingConfig, ServingMetrics, instance_roles, parity_role
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def instance_specs(spec: SystemSpec) -> list[InstanceSpec]:
     spare = ModelRef(checkpoint=spec.base)
     specs = [InstanceSpec(i, role, ModelRef(checkpoint=str(models[role])),
                           spec.emulated_ms / spec.serving.k if role == "cheap" else spec.emulated_ms, zone=zone,
-                          spare=spare if holds_spare(spec.serving.mode, role) else None)
+                          spare=spare if spec.serving.holds_spare(role) else None)
              for i, (role, zone) in enumerate(zip(spec.roles(), spec.zone_of_slots()))]
     if spec.faults is not None:
         spec.faults.check_instances(len(specs))

@@ -189,3 +189,40 @@ def test_replicas_the_cluster_cannot_place_fail_the_start_clearly_and_leave_noth
     from ray import serve
 
     assert not [app for app in serve.status().applications if app.startswith(f"parm-{backend.token}-")]
+
+
+def test_a_parity_replica_runs_its_spare_model_and_each_replica_names_its_node() -> None:
+    """coded-hedge's parity instances hold the deployed model as a spare: a batch sent with
+    spare=True runs on it, one without on the parity model. Each replica's failure domain for
+    placement is the Ray node it runs on (one node here)."""
+    data = ModelRef(factory="parm.models.toy:linear", kwargs={"in_shape": SHAPE})
+    specs = [InstanceSpec(i, spec.role, spec.model, emulated_ms=0.0, spare=data if spec.role == "parity" else None)
+             for i, spec in enumerate(toy_specs("coded-hedge", 2, 2))]
+    backend = RayServeBackend(specs)
+    x = torch.randn(3, *SHAPE)
+
+    async def main() -> tuple[dict, list]:
+        results: dict[int, tuple] = {}
+        done = asyncio.Event()
+
+        def on_result(instance_id: int, work_id: int, output, error) -> None:
+            results[work_id] = (output, error)
+            if len(results) == 2:
+                done.set()
+
+        await backend.start(on_result, lambda i, reason: None, lambda i: None)
+        try:
+            backend.send(2, 1, x)
+            backend.send(2, 2, x, spare=True)
+            await asyncio.wait_for(done.wait(), 60)
+            return results, [backend.zone(i) for i in range(len(specs))]
+        finally:
+            await backend.stop()
+
+    results, zones = asyncio.run(main())
+    assert results[1][1] is None and results[2][1] is None, results
+    from parm.models.toy import linear_parity
+
+    torch.testing.assert_close(results[1][0], linear_parity(SHAPE, k=2)(x).detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[2][0], linear(SHAPE)(x).detach(), rtol=1e-4, atol=1e-4)
+    assert all(z is not None and z.startswith("node:") for z in zones) and len(set(zones)) == 1, zones

@@ -326,17 +326,25 @@ def test_an_idle_spare_instance_takes_data_work_only_after_the_data_instances_ar
     assert backend.spare_sent == [works[1].work_id] and d.depth("data") == 1
 
 
-def test_a_spare_instance_runs_its_own_role_first() -> None:
+def test_a_spare_instance_takes_the_older_of_its_own_work_and_queued_data_work() -> None:
     d, backend = make(["data", "parity"], max_in_flight=1, spares=frozenset({1}))
-    d.submit(work(d, 0))  # instance 0 busy
+    busy = work(d, 0)
+    d.submit(busy)  # instance 0 busy
     parity = Work(d.new_id(), "parity", 0, "parity", torch.zeros(1, 1))
     d.submit(parity)  # the parity instance busy with parity work
-    queued = work(d, 1)
-    d.submit(queued)
+    older_parity = Work(d.new_id(), "parity", 1, "parity", torch.zeros(1, 1))
+    d.submit(older_parity)
+    data = work(d, 1)
+    d.submit(data)  # queued after the parity batch
     d.take(1, parity.work_id)
-    d.submit(Work(d.new_id(), "parity", 1, "parity", torch.zeros(1, 1)))  # its own work comes first
-    assert where(backend, queued) is None
-    assert backend.spare_sent == []
+    d.pump("parity")  # as the frontend does after every outcome
+    assert where(backend, older_parity) == 1 and where(backend, data) is None  # its own, older work first
+    newer_parity = Work(d.new_id(), "parity", 2, "parity", torch.zeros(1, 1))
+    d.submit(newer_parity)
+    d.take(1, older_parity.work_id)
+    d.pump("parity")
+    assert where(backend, data) == 1 and where(backend, newer_parity) is None  # now the data batch is older
+    assert backend.spare_sent == [data.work_id]
 
 
 def test_without_a_spare_model_a_parity_instance_never_takes_data_work() -> None:

@@ -41,9 +41,11 @@ def first_data(frontend) -> int:
 
 def build(mode: str = "coded", *, m: int = 2, k: int = 2, r: int = 1, delay_s: float = 0.001, restart_s: float = 0.005,
           **config) -> tuple[Frontend, FakeBackend]:
-    backend = FakeBackend(specs_for(instance_roles(mode, m, k, r), S, C, k, spare_on_parity=mode == "coded-hedge"),
+    serving_config = ServingConfig(query_shape=S, mode=mode, k=k, r=r, **config)
+    backend = FakeBackend(specs_for(instance_roles(mode, m, k, r), S, C, k,
+                                    spare_on_parity=serving_config.holds_spare("parity")),
                           delay_s=delay_s, restart_s=restart_s)
-    frontend = Frontend(ServingConfig(query_shape=S, mode=mode, k=k, r=r, **config), backend, clock=loop_time)
+    frontend = Frontend(serving_config, backend, clock=loop_time)
     return frontend, backend
 
 
@@ -754,8 +756,10 @@ def test_round_robin_serves_a_dead_instance_queue_elsewhere_while_its_restart_is
 def test_coded_hedge_resends_a_batch_its_group_cannot_decode_and_coded_waits_for_the_stall_kill(mode: str) -> None:
     """A data instance stalls while the parity instance is stalled too: the group cannot decode.
     coded-hedge re-sends the late batch to the other data instance at the hedge deadline; coded
-    can only wait until the stall watcher kills the instance (stall_timeout_ms)."""
+    can only wait until the stall watcher kills the instance (stall_timeout_ms). The copy that
+    answers first has the original cancelled."""
     frontend, backend = build(mode, m=2, k=2, stall_timeout_ms=2_000)
+    backend.honour_cancel = True
     (parity,) = ids(backend, "parity")
     qs = queries(2, seed=41)
 
@@ -765,15 +769,15 @@ def test_coded_hedge_resends_a_batch_its_group_cannot_decode_and_coded_waits_for
             first = first_data(frontend)
             backend.stall(first)
             backend.stall(parity)
-            return await answers([frontend.submit(q) for q in qs], timeout_s=5.0)
+            return await answers([frontend.submit(q) for q in qs], timeout_s=5.0), first
 
-    preds = run(main())
+    preds, first = run(main())
     assert_true_scores(preds, qs)
     late = max(preds, key=lambda p: p.latency_ms)
     assert late.source is Source.RETRIED
     if mode == "coded-hedge":
         assert late.latency_ms < 50  # the hedge deadline (a few ms of service time), not the stall timeout
-        assert backend.kills == []
+        assert backend.kills == [] and any(i == first for i, _ in backend.cancels)
     else:
         assert late.latency_ms >= 2_000
 
@@ -792,26 +796,6 @@ def test_coded_hedge_does_not_resend_a_batch_its_group_decodes_in_time() -> None
     assert_true_scores(preds, qs)
     assert sorted(p.source.value for p in preds) == ["original", "reconstructed"]
     assert sample(frontend, "parm_resends_total") == 0
-
-
-def test_coded_hedge_a_hedged_copy_that_answers_first_cancels_the_original() -> None:
-    frontend, backend = build("coded-hedge", m=2, k=2, stall_timeout_ms=2_000)
-    backend.honour_cancel = True
-    (parity,) = ids(backend, "parity")
-    qs = queries(2, seed=43)
-
-    async def main():
-        async with serving(frontend):
-            await warm_up(frontend)
-            first = first_data(frontend)
-            backend.stall(first)
-            backend.stall(parity)
-            preds = await answers([frontend.submit(q) for q in qs], timeout_s=5.0)
-            return preds, first
-
-    preds, first = run(main())
-    assert_true_scores(preds, qs)
-    assert any(i == first for i, _ in backend.cancels)
 
 
 # ---- accepting a reconstruction only once the original is late ----------------------------------
@@ -909,10 +893,13 @@ def test_r2_a_group_with_one_parity_lost_still_decodes_one_member() -> None:
     assert max(p.latency_ms for p in preds) < 50
 
 
-def test_coded_hedge_runs_late_batches_on_the_parity_instance_when_every_data_instance_stalls() -> None:
+@pytest.mark.parametrize("hedge_on_parity", [True, False])
+def test_coded_hedge_runs_late_batches_on_the_parity_instance_when_every_data_instance_stalls(
+        hedge_on_parity: bool) -> None:
     """Both data instances stall: the group cannot be decoded (r = 1) and there is no other data
-    instance; the parity instance, which also holds the deployed model, answers the re-sends."""
-    frontend, backend = build("coded-hedge", m=2, k=2, stall_timeout_ms=5_000)
+    instance; the parity instance, which also holds the deployed model, answers the re-sends.
+    Without it (hedge_on_parity off) they wait for the stall watcher."""
+    frontend, backend = build("coded-hedge", m=2, k=2, stall_timeout_ms=1_000, hedge_on_parity=hedge_on_parity)
     (parity,) = ids(backend, "parity")
     qs = queries(4, seed=47)
 
@@ -925,6 +912,9 @@ def test_coded_hedge_runs_late_batches_on_the_parity_instance_when_every_data_in
 
     preds = run(main())
     assert_true_scores(preds, qs)
+    if not hedge_on_parity:
+        assert min(p.latency_ms for p in preds) >= 1_000 and not any(s.spare for s in backend.sends)
+        return
     # a re-send answered on the parity instance can in turn let its group decode the other member
     assert Source.RETRIED in {p.source for p in preds} <= {Source.RETRIED, Source.RECONSTRUCTED}
     assert all(p.instance in (parity, None) for p in preds) and max(p.latency_ms for p in preds) < 100

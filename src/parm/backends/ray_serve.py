@@ -129,9 +129,11 @@ class InstanceReplica:
         self._arm_crash()
 
     async def watch(self):  # noqa: ANN201 - an async generator Serve streams
-        """Yield this replica's actor name, then nothing until the replica dies or is released."""
+        """Yield this replica's actor name and the Ray node it runs on, then nothing until the
+        replica dies or is released."""
         self.released = self.released or asyncio.Event()
-        yield ray.get_runtime_context().get_actor_name()
+        context = ray.get_runtime_context()
+        yield context.get_actor_name(), context.get_node_id()
         await self.released.wait()
 
     async def release(self) -> None:
@@ -185,6 +187,7 @@ class _Instance:
     handle: Any = None
     stream_handle: Any = None  # handle.options(stream=True), made once
     actor: str | None = None  # the current replica's actor name
+    node: str | None = None  # the Ray node it runs on (its failure domain when the spec names no zone)
     healthy: bool = False
     generation: int = 0  # bumped when the replica is found dead; stale outcomes are ignored
     kill_reason: str | None = None
@@ -357,7 +360,7 @@ class RayServeBackend(Backend):
         while not self._stopping:
             stream = inst.stream_handle.watch.remote()
             try:
-                actor = await _within(stream.__anext__(), 5.0)
+                actor, node = await _within(stream.__anext__(), 5.0)
             except (asyncio.TimeoutError, RayActorError, StopAsyncIteration, TaskCancelledError) as exc:
                 stream.cancel()
                 log.debug("instance %d: no replica yet (%s)", inst.spec.instance_id, type(exc).__name__)
@@ -376,7 +379,7 @@ class RayServeBackend(Backend):
                     stream.cancel()
                     await asyncio.sleep(0.2)
                     continue
-            inst.actor, inst.kill_reason = actor, None
+            inst.actor, inst.node, inst.kill_reason = actor, node, None
             inst.healthy = True
             self._spawn(inst, self._watch(inst, inst.generation, stream))
             return
@@ -491,6 +494,14 @@ class RayServeBackend(Backend):
             return
         inst.kill_reason = reason
         self._loop.run_in_executor(None, _kill_actor, inst.actor)
+
+    def zone(self, instance_id: int) -> str | None:
+        """The instance's failure domain: its spec's zone if given, else the Ray node its current
+        replica runs on (a replacement on another node moves it)."""
+        inst = self._state.get(instance_id)
+        if inst is None:
+            return None
+        return inst.spec.zone or (None if inst.node is None else f"node:{inst.node}")
 
     def actor_name(self, instance_id: int) -> str | None:
         """The Ray actor name of the instance's current replica (for ``ray.get_actor``)."""

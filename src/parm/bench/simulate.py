@@ -24,7 +24,7 @@ from parm.bench.histogram import LatencyHistogram
 from parm.bench.loadgen import HistogramSink, answer_timeout_s, drive_open_loop, poisson_gaps_s
 from parm.errors import ConfigError
 from parm.faults import DEFAULT_HORIZON_S, FaultSpec, InstanceFaults, instance_schedules
-from parm.serving import Frontend, ServingConfig, holds_spare
+from parm.serving import Frontend, ServingConfig
 from parm.system import serving_config
 from parm.testing import run_virtual
 
@@ -100,11 +100,12 @@ class SimBackend(Backend):
     ``restart_s``; a stalled instance never answers until the frontend kills it."""
 
     def __init__(self, roles: list[str], service: ServiceModel, *, faults: FaultSpec | None = None, seed: int = 0,
-                 horizon_s: float = DEFAULT_HORIZON_S, restart_s: float = 1.0, mode: str | None = None) -> None:
+                 horizon_s: float = DEFAULT_HORIZON_S, restart_s: float = 1.0,
+                 holds_spare: Callable[[str], bool] | None = None) -> None:
         model = ModelRef(factory="parm.models.toy:constant")
         schedules = instance_schedules(faults, len(roles), horizon_s)
         self.instances = [InstanceSpec(i, role, model, faults=schedules[i],
-                                       spare=model if mode is not None and holds_spare(mode, role) else None)
+                                       spare=model if holds_spare is not None and holds_spare(role) else None)
                           for i, role in enumerate(roles)]
         self.service, self.seed, self.restart_s = service, seed, restart_s
         self.t0 = 0.0
@@ -246,7 +247,7 @@ def simulate(config: ServingConfig, roles: list[str], service: ServiceModel, *, 
         raise ConfigError(f"simulated queries have shape {SIM_QUERY_SHAPE}; build the ServingConfig with it",
                           field="query_shape", value=config.query_shape)
     backend = SimBackend(roles, service, faults=faults, seed=seed, restart_s=restart_s,
-                         horizon_s=max(3600.0, 10 * queries / rate_qps), mode=config.mode)
+                         horizon_s=max(3600.0, 10 * queries / rate_qps), holds_spare=config.holds_spare)
     sink = HistogramSink(warmup, service.overhead_ms, histogram)
     return run_virtual(_run(config, backend, sink, queries=queries, rate_qps=rate_qps, seed=seed,
                             frontend_factory=frontend_factory))

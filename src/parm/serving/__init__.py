@@ -1,6 +1,6 @@
 """The serving frontend: batching, coding groups, encode/dispatch/decode, modes, metrics."""
 
-from parm.serving.config import CODED_MODES, MODES, ServingConfig, holds_spare, instance_roles, parity_role
+from parm.serving.config import CODED_MODES, MODES, ServingConfig, instance_roles, parity_role
 from parm.serving.frontend import Frontend
 from parm.serving.metrics import ServingMetrics
 from parm.serving.tracker import Answer, Cancel, GroupTracker, Resend
@@ -19,7 +19,6 @@ __all__ = [
     "ServingConfig",
     "ServingMetrics",
     "Source",
-    "holds_spare",
     "instance_roles",
     "parity_role",
 ]

@@ -23,13 +23,6 @@ def parity_role(index: int) -> str:
     return "parity" if index == 0 else f"parity{index}"
 
 
-def holds_spare(mode: str, role: str) -> bool:
-    """Whether an instance of ``role`` also holds the deployed model in ``mode``: the parity
-    instances of coded-hedge do, so that they run data batches with capacity their parity work
-    leaves over (see :mod:`parm.serving.dispatch`, spare capacity)."""
-    return mode == "coded-hedge" and role.startswith("parity")
-
-
 def instance_roles(mode: str, m: int, k: int, r: int = 1) -> list[str]:
     """Roles of the instances a mode runs with m data instances and code parameters k and r.
 
@@ -81,6 +74,9 @@ class ServingConfig:
     # accepts it only once the batch is older than the p-th percentile of recent original answer
     # times (or its instance failed), so a busy but healthy instance's answer is waited for.
     reconstruct_percentile: float | None = None
+    # coded-hedge: the parity instances also hold the deployed model and run data batches (originals
+    # and re-sends) with the capacity their parity work leaves over; False: re-sends go to data instances only
+    hedge_on_parity: bool = True
     max_pending_queries: int = 10_000  # beyond this, new queries are refused (overload)
 
     def __post_init__(self) -> None:
@@ -97,6 +93,9 @@ class ServingConfig:
         for name in ("batch_wait_ms", "group_wait_ms", "deadline_ms", "stall_timeout_ms", "hedge_min_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}", field=name, value=getattr(self, name))
+        if not isinstance(self.hedge_on_parity, bool):
+            raise ConfigError(f"hedge_on_parity must be true or false; got {self.hedge_on_parity!r}",
+                              field="hedge_on_parity", value=self.hedge_on_parity)
         for name in ("hedge_percentile", "reconstruct_percentile"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 100:
@@ -107,6 +106,12 @@ class ServingConfig:
         """The code the frontend encodes and decodes with: k, r, encoder.
         Cached: a frozen dataclass without slots keeps it in the instance dict, outside the fields."""
         return CodeConfig(self.k, self.r, self.encoder)
+
+    def holds_spare(self, role: str) -> bool:
+        """Whether an instance of ``role`` also holds the deployed model (``InstanceSpec.spare``): the
+        parity instances of coded-hedge, unless ``hedge_on_parity`` is off (see
+        :mod:`parm.serving.dispatch`, spare capacity)."""
+        return self.mode == "coded-hedge" and self.hedge_on_parity and role.startswith("parity")
 
     @classmethod
     def default(cls, name: str) -> Any:

@@ -17,9 +17,14 @@ that must avoid it (a re-send after it failed), and prefers a batch whose coding
 other member on it, so that one slow or dead instance rarely holds two members of a group.
 
 Spare capacity (shared dispatch): an instance that also holds the deployed model as its spare
-(``InstanceSpec.spare``: parity instances in mode coded-hedge) takes a queued data batch when it
-is idle and no work of its own role is queued, so it runs its own work first and the deployed
-model only with capacity left over; data instances are always offered data work first.
+(``InstanceSpec.spare``: parity instances in mode coded-hedge) serves two queues, its own role's
+and the data queue. With a free slot it takes a data re-send first, else the older (by submit
+time) of its own first work and the first data batch; data work only while it is idle or when
+that data batch is older than its own work. Data instances are always offered data work first.
+So a parity instance runs the deployed model only with capacity its parity work leaves over —
+until data batches wait longer than its parity batches (the data instances cannot keep up, as
+when they are slow together and no group can be decoded): then, oldest first, it works as one
+more data instance, and a parity batch whose group was answered meanwhile is never run.
 
 Round robin never strands work: the queue of an instance that is down moves to live instances
 of its role, and a queued re-send that must avoid its instance moves to another healthy one as
@@ -90,6 +95,7 @@ class Work:
     instance: int | None = None
     sent_s: float | None = None
     target: int | None = None  # round robin: the instance this work waits for
+    queued_s: float = 0.0  # when it was submitted (spare capacity: the older work goes first)
 
 
 @dataclass
@@ -141,6 +147,7 @@ class Dispatcher:
         # shared dispatch: instances that also hold the deployed model (InstanceSpec.spare) and their roles
         self._spares = [] if self.round_robin else [s.instance_id for s in backend.instances if s.spare is not None]
         self._spare_roles = {self.instances[i].role for i in self._spares}
+        self._spare_set = frozenset(self._spares)
         self.group_memory = max(1, group_memory)
         self._groups: OrderedDict[int, GroupPlaces] = OrderedDict()  # least recently placed first
         self._ids = itertools.count()
@@ -156,6 +163,7 @@ class Dispatcher:
         return [i for i in self._levels[role][0] if self.backend.healthy(i)]
 
     def submit(self, work: Work, *, front: bool = False) -> None:
+        work.queued_s = self.clock()
         if self.round_robin:
             if work.target is None:
                 work.target = self._next_target(work)
@@ -238,24 +246,23 @@ class Dispatcher:
             self._pump_spares()
 
     def _pump_spares(self) -> None:
-        """Spare capacity: an idle instance holding the deployed model as its spare (a parity
-        instance in mode coded-hedge), with no work of its own role queued, takes one data batch
-        (an original or a re-send) the data instances left queued; members of a group it
-        already holds go last."""
-        queue = self._queues.get("data")
+        """Spare capacity (module docstring): each instance holding the deployed model as its spare
+        takes, while it has a free slot, the older of the first work of its own role and the first
+        data batch (a data re-send first), and data work only if idle or older than its own."""
+        data_queue = self._queues.get("data")
         for instance_id in self._spares:
-            state = self.instances[instance_id]
-            if not queue:
-                return
-            if state.in_flight or self._live[state.role] or not self.backend.healthy(instance_id):
-                continue
-            candidates = [w for w in itertools.islice(queue, SCAN_LIMIT) if not w.cancelled
-                          and instance_id not in w.avoid]
-            work = next((w for w in candidates if self._apart(w, instance_id)), candidates[0] if candidates else None)
-            if work is not None:
-                queue.remove(work)
-                self._live["data"] -= 1
-                self._send(state, work)
+            state, own_queue = self.instances[instance_id], self._queues[self.instances[instance_id].role]
+            while len(state.in_flight) < self.max_in_flight and self.backend.healthy(instance_id):
+                own = self._find(own_queue, state, True) or self._find(own_queue, state, False)
+                data = None if not data_queue else self._find(data_queue, state, True, strict=True) or \
+                    self._find(data_queue, state, False, strict=True)
+                if data is not None and not data.retry and (own is not None and own.queued_s <= data.queued_s
+                                                            or own is None and state.in_flight):
+                    data = None  # its own work is older, or it is busy and has none: the data instances' turn
+                if data is None and own is None:
+                    break
+                self._take(data_queue if data is not None else own_queue, data or own)  # type: ignore[arg-type]
+                self._send(state, data or own)  # type: ignore[arg-type]
 
     def _pump_shared(self, role: str) -> None:
         queue = self._queues.get(role)
@@ -267,7 +274,7 @@ class Dispatcher:
                 for instance_id in list(level):  # in the order they reached this level
                     if not queue:
                         return
-                    if instance_id in level and self.backend.healthy(instance_id):
+                    if instance_id in level and instance_id not in self._spare_set and self.backend.healthy(instance_id):
                         work = self._pick(queue, self.instances[instance_id], spread_groups)
                         if work is not None:
                             self._send(self.instances[instance_id], work)
@@ -304,20 +311,30 @@ class Dispatcher:
             self._own[target].append(work)
 
     def _pick(self, queue: deque[Work], state: InstanceState, spread_groups: bool) -> Work | None:
+        work = self._find(queue, state, spread_groups)
+        if work is not None:
+            self._take(queue, work)
+        return work
+
+    def _find(self, queue: deque[Work], state: InstanceState, spread_groups: bool, *, strict: bool = False
+              ) -> Work | None:
+        """The first queued work ``state``'s instance may take (``strict``: never an avoided one)."""
         while queue and queue[0].cancelled:  # lazily drop cancelled copies at the head
             self._forget(queue.popleft())
         held_batches = {(w.kind, w.key) for w in state.in_flight.values()}
         held_groups = {w.group for w in state.in_flight.values() if w.group is not None}
         for work in itertools.islice(queue, SCAN_LIMIT):
-            if work.cancelled:
+            if work.cancelled or (work.kind, work.key) in held_batches:
                 continue
-            if (work.kind, work.key) in held_batches or self._avoids(work, state):
+            if state.instance_id in work.avoid if strict else self._avoids(work, state):
                 continue
             if not spread_groups or self._apart(work, state.instance_id, held_groups):
-                queue.remove(work)
-                self._live[work.role] -= 1
                 return work
         return None
+
+    def _take(self, queue: deque[Work], work: Work) -> None:
+        queue.remove(work)
+        self._live[work.role] -= 1
 
     def _avoids(self, work: Work, state: InstanceState) -> bool:
         """``avoid`` is a preference: an avoided instance is used when no other healthy one exists."""

@@ -45,4 +45,4 @@ class PredictService(Protocol):
         """Answer queries (N, *query_shape) float32; raises OverloadedError or DeadlineExceededError."""
 
     def health(self) -> dict[str, Any]:
-        """{'ok': bool, 'instances': [{'id', 'role', 'healthy', 'queued', 'in_flight'}...], ...}."""
+        """{'ok': bool, 'instances': [{'id', 'role', 'zone', 'healthy', 'queued', 'in_flight'}...], ...}."""
