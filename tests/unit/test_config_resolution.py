@@ -224,7 +224,7 @@ def test_every_serving_field_is_a_valid_system_key(tmp_path: Path) -> None:
 def test_demo_experiment_is_packaged_and_holds_the_demo_defaults() -> None:
     exp = demo_experiment()
     assert (REPO / "experiments" / "demo.toml").read_bytes() == (SRC / "bench" / "demo.toml").read_bytes()
-    assert exp.modes == ("none", "equal", "coded", "hedge", "replicate", "cheap")
+    assert exp.modes == ("none", "equal", "coded", "coded-hedge", "hedge", "replicate", "cheap")
     assert exp.system == {"instances": 2, "emulated_ms": 5.0}
     assert exp.load == {"queries": 2000, "rate": 150, "warmup": 200, "trials": 3, "seed": 0}
     assert exp.faults == parse_fault_spec("slow:rate_hz=0.1,duration_s=1,factor=20;crash:instance=1,at_s=8;seed=1")
