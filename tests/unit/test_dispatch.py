@@ -326,7 +326,7 @@ def test_an_idle_spare_instance_takes_data_work_only_after_the_data_instances_ar
     assert backend.spare_sent == [works[1].work_id] and d.depth("data") == 1
 
 
-def test_a_spare_instance_takes_the_older_of_its_own_work_and_queued_data_work() -> None:
+def test_a_spare_instance_takes_queued_data_work_before_its_own() -> None:
     d, backend = make(["data", "parity"], max_in_flight=1, spares=frozenset({1}))
     busy = work(d, 0)
     d.submit(busy)  # instance 0 busy
@@ -335,16 +335,26 @@ def test_a_spare_instance_takes_the_older_of_its_own_work_and_queued_data_work()
     older_parity = Work(d.new_id(), "parity", 1, "parity", torch.zeros(1, 1))
     d.submit(older_parity)
     data = work(d, 1)
-    d.submit(data)  # queued after the parity batch
+    d.submit(data)  # queued after the parity batch: every data instance is full
     d.take(1, parity.work_id)
     d.pump("parity")  # as the frontend does after every outcome
-    assert where(backend, older_parity) == 1 and where(backend, data) is None  # its own, older work first
-    newer_parity = Work(d.new_id(), "parity", 2, "parity", torch.zeros(1, 1))
-    d.submit(newer_parity)
-    d.take(1, older_parity.work_id)
-    d.pump("parity")
-    assert where(backend, data) == 1 and where(backend, newer_parity) is None  # now the data batch is older
+    assert where(backend, data) == 1 and where(backend, older_parity) is None  # the waiting data batch first
     assert backend.spare_sent == [data.work_id]
+    d.take(1, data.work_id)
+    d.pump("data")
+    assert where(backend, older_parity) == 1  # no data waiting: its own work
+
+
+def test_a_busy_spare_instance_without_work_of_its_own_leaves_data_work_to_the_data_instances() -> None:
+    d, backend = make(["data", "parity"], max_in_flight=2, spares=frozenset({1}))
+    d.submit(work(d, 0))
+    d.submit(work(d, 1))  # instance 0 full
+    d.submit(Work(d.new_id(), "parity", 0, "parity", torch.zeros(1, 1)))  # instance 1 busy, one slot free
+    waiting = work(d, 2)
+    d.submit(waiting)
+    assert where(backend, waiting) is None and d.depth("data") == 1
+    d.submit(Work(d.new_id(), "parity", 1, "parity", torch.zeros(1, 1)))  # now it has work of its own queued
+    assert where(backend, waiting) == 1 and d.depth("parity") == 1
 
 
 def test_without_a_spare_model_a_parity_instance_never_takes_data_work() -> None:

@@ -64,7 +64,7 @@ class ServingConfig:
     batch_size: int = 1
     batch_wait_ms: float = 1.0  # longest a query waits for its batch to fill
     group_wait_ms: float = 20.0  # longest an open coding group waits before being encoded with zeros
-    max_in_flight: int = 2  # batches sent to one instance and not yet answered
+    max_in_flight: int = 1  # batches sent to one instance and not yet answered (see dispatch.py)
     dispatch: str = "shared"  # shared pull queue, or per-instance round robin
     deadline_ms: float = 10_000.0  # a query with no answer by then fails (HTTP 504)
     stall_timeout_ms: float = 2_000.0  # an instance silent this long on a batch is killed and restarted
@@ -74,8 +74,8 @@ class ServingConfig:
     # accepts it only once the batch is older than the p-th percentile of recent original answer
     # times (or its instance failed), so a busy but healthy instance's answer is waited for.
     reconstruct_percentile: float | None = None
-    # coded-hedge: the parity instances also hold the deployed model and run data batches (originals
-    # and re-sends) with the capacity their parity work leaves over; False: re-sends go to data instances only
+    # coded-hedge: the parity instances also hold the deployed model and run data batches (re-sends, and
+    # originals while every data instance is full) before parity work; False: data work on data instances only
     hedge_on_parity: bool = True
     max_pending_queries: int = 10_000  # beyond this, new queries are refused (overload)
 

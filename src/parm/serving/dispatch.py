@@ -18,13 +18,16 @@ other member on it, so that one slow or dead instance rarely holds two members o
 
 Spare capacity (shared dispatch): an instance that also holds the deployed model as its spare
 (``InstanceSpec.spare``: parity instances in mode coded-hedge) serves two queues, its own role's
-and the data queue. With a free slot it takes a data re-send first, else the older (by submit
-time) of its own first work and the first data batch; data work only while it is idle or when
-that data batch is older than its own work. Data instances are always offered data work first.
-So a parity instance runs the deployed model only with capacity its parity work leaves over —
-until data batches wait longer than its parity batches (the data instances cannot keep up, as
-when they are slow together and no group can be decoded): then, oldest first, it works as one
-more data instance, and a parity batch whose group was answered meanwhile is never run.
+and the data queue. Data instances are always offered data work first, so a data batch is
+still queued only when every data instance is full. A spare instance with a free slot then
+takes that data batch (a re-send first) before its own work, unless it is busy and has no
+work of its own (then the batch waits for a data instance, which frees up as soon). Data
+waiting means the data instances are short of capacity (several slow together): a parity
+batch helps only a group whose other members are answered, while a waiting data batch delays
+its own answer and, as a member, every group it belongs to; and a parity batch whose group is
+answered while it waits is never run. Measured in the simulator (docs/EVALUATION.md), taking
+the older of the two queues' first works instead left the data queue backed up for ~100 ms in
+episodes where four data instances were slow at once.
 
 Round robin never strands work: the queue of an instance that is down moves to live instances
 of its role, and a queued re-send that must avoid its instance moves to another healthy one as
@@ -95,7 +98,6 @@ class Work:
     instance: int | None = None
     sent_s: float | None = None
     target: int | None = None  # round robin: the instance this work waits for
-    queued_s: float = 0.0  # when it was submitted (spare capacity: the older work goes first)
 
 
 @dataclass
@@ -163,7 +165,6 @@ class Dispatcher:
         return [i for i in self._levels[role][0] if self.backend.healthy(i)]
 
     def submit(self, work: Work, *, front: bool = False) -> None:
-        work.queued_s = self.clock()
         if self.round_robin:
             if work.target is None:
                 work.target = self._next_target(work)
@@ -247,8 +248,8 @@ class Dispatcher:
 
     def _pump_spares(self) -> None:
         """Spare capacity (module docstring): each instance holding the deployed model as its spare
-        takes, while it has a free slot, the older of the first work of its own role and the first
-        data batch (a data re-send first), and data work only if idle or older than its own."""
+        takes, while it has a free slot, a queued data batch (a re-send first) before the first
+        work of its own role, and data work while busy only if it has no work of its own."""
         data_queue = self._queues.get("data")
         for instance_id in self._spares:
             state, own_queue = self.instances[instance_id], self._queues[self.instances[instance_id].role]
@@ -256,9 +257,8 @@ class Dispatcher:
                 own = self._find(own_queue, state, True) or self._find(own_queue, state, False)
                 data = None if not data_queue else self._find(data_queue, state, True, strict=True) or \
                     self._find(data_queue, state, False, strict=True)
-                if data is not None and not data.retry and (own is not None and own.queued_s <= data.queued_s
-                                                            or own is None and state.in_flight):
-                    data = None  # its own work is older, or it is busy and has none: the data instances' turn
+                if data is not None and not data.retry and own is None and state.in_flight:
+                    data = None  # busy, with nothing of its own queued: the data instances' turn
                 if data is None and own is None:
                     break
                 self._take(data_queue if data is not None else own_queue, data or own)  # type: ignore[arg-type]

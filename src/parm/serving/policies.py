@@ -392,8 +392,9 @@ class CodedHedge(Coded, Hedge):
     the hedge deadline (``hedge_percentile`` of recent service times, as ``hedge``) — so its
     group could not decode it: another member or the parity is late too — is re-sent to another
     data instance. The first of original, reconstruction and re-sent copy answers; the others
-    are cancelled. Re-sends run on data instances (they hold the deployed model; the parity
-    instances hold only the parity model)."""
+    are cancelled. Re-sends run on the data instances and, with ``hedge_on_parity`` (the
+    default), also on the parity instances, which then hold the deployed model as a spare and
+    run waiting data work before their own (:mod:`parm.serving.dispatch`, spare capacity)."""
 
     def on_late(self, batch: Batch, work: Work) -> None:
         if batch.batch_id in self._held:
