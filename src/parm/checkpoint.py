@@ -181,7 +181,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, record: ModelRecord
     """Save ``model`` with ``record`` into ``directory``; returns the record as written."""
     data = {**record.to_json(), "parm_version": package_version(), "format_version": FORMAT_VERSION}
     written = save_tensors(Path(directory), "model", model.state_dict(), data, RECORD_FILE)
-    log.info("saved %s checkpoint to %s", record.kind, directory)
+    log.debug("saved %s checkpoint to %s", record.kind, directory)
     return ModelRecord.from_json(written, Path(directory) / RECORD_FILE)
 
 

@@ -25,7 +25,43 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="dataset folder (default: $PARM_DATA_ROOT, else ~/.cache/parm/data)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing (checksums verified)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="PyTorch intra-op threads (default: the CPUs this process may use, counting CPU affinity and "
+                        "a container's CPU quota; give fewer when other work shares the machine)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def default_threads() -> int:
+    """Intra-op threads for training and evaluation when ``--threads`` is not given: the CPUs this
+    process may run on (affinity), capped by a cgroup v2 CPU quota (``cpu.max``) where there is one.
+    PyTorch's own default counts the host's cores, which oversubscribes a container given fewer."""
+    import math
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if not hasattr(args, "threads"):
+        return
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1; got {args.threads}", field="threads", value=args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads or default_threads())
+    log.debug("intra-op threads: %d", torch.get_num_threads())
+
+
+_INPUTS_HELP = ("unlabelled inputs of the deployed model instead of its dataset: a .npy/.safetensors file, a folder "
+                "of them (recorded traffic) or a folder of images (uint8 = raw pixels, normalised with the base's "
+                "mean/std; float = model inputs as served)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +80,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="validation samples held out of the training split (default: 5000; parity training reuses it)")
     _add_common(p)
     p.set_defaults(func=_train_base)
+
+    p = sub.add_parser(
+        "import", help="make a base checkpoint from a model trained outside ParM (architecture + weights)",
+        description="Make a base checkpoint from an existing PyTorch model: its architecture (a built-in name or "
+                    "your factory module.path:function, called with in_shape= and num_classes= where it takes "
+                    "them), its weights (safetensors, or a state dict read with weights_only=True), and how its "
+                    "inputs were normalised when it was trained (--mean/--std on the 0..1 scale: every later "
+                    "command prepares inputs with them). --dataset measures and records its test accuracy.")
+    p.add_argument("--arch", required=True, help="mlp, mlp-small, lenet5, resnet18, resnet18-28 or module.path:factory")
+    p.add_argument("--weights", type=Path, required=True, help=".safetensors, or .pt/.pth holding a state dict")
+    p.add_argument("--in-shape", required=True, help="one input's shape, e.g. 1,28,28 (channels first)")
+    p.add_argument("--classes", type=int, required=True, help="number of classes the model scores")
+    p.add_argument("--mean", required=True, help="per-channel input mean on the 0..1 scale, e.g. 0.1307 or 0,0,0")
+    p.add_argument("--std", required=True, help="per-channel input std on the 0..1 scale, e.g. 0.3081 or 1,1,1")
+    p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                   help="replace the key prefix OLD with NEW (repeatable; 'module.=' strips DataParallel's prefix)")
+    p.add_argument("--dataset", default=None, help="measure and record A_a on this dataset's test split")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to create")
+    _add_common(p)
+    p.set_defaults(func=_import)
 
     p = sub.add_parser(
         "train-parity", help="train the parity model(s) of a base checkpoint for one k and encoder",
@@ -71,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="parity model architecture (default: the base's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None, help="base-output cache (default: ~/.cache/parm/outputs)")
+    p.add_argument("--inputs", type=Path, default=None,
+                   help=_INPUTS_HELP)
     _add_common(p)
     p.set_defaults(func=_train_parity)
 
@@ -81,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="write results here (one parity: an object; several: {'results': [...]})")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--inputs", type=Path, default=None,
+                   help=_INPUTS_HELP + "; reports reconstruction accuracy (agreement with the deployed model) only")
     _add_common(p)
     p.set_defaults(func=_eval)
 
@@ -93,6 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
+    p.add_argument("--record-inputs", type=Path, default=None, metavar="DIR",
+                   help="write a sample of served inputs to DIR (rotating .npy files) for train-parity --inputs")
+    p.add_argument("--record-fraction", type=float, default=0.01, help="share of inputs recorded (default 0.01)")
+    p.add_argument("--record-max-bytes", type=int, default=1 << 30,
+                   help="disk used in DIR at most; the oldest files go first (default 1 GiB)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_serve)
 
@@ -265,18 +330,54 @@ def _serve(args: argparse.Namespace) -> int:
     from parm.system import run_server
 
     spec = _system_spec(args)
+    record = None
+    if args.record_inputs is not None:
+        from parm.serving.recorder import RecordSpec
+
+        record = RecordSpec(args.record_inputs, fraction=args.record_fraction, max_bytes=args.record_max_bytes)
+    _check_bind(args.host, args.port)  # in seconds, before any instance is started
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_server(spec, args.host, args.port, stop=stop, max_body_bytes=args.max_body_bytes,
+        await run_server(spec, args.host, args.port, stop=stop, max_body_bytes=args.max_body_bytes, record=record,
                          on_ready=lambda host, port: print(f"ready http://{host}:{port}", flush=True))
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # the port was taken between the check and the bind
+        raise ConfigError(_bind_message(args.host, args.port, exc), field="port", value=args.port) from None
     print("stopped", flush=True)
     return 0
+
+
+def _bind_message(host: str, port: int, exc: OSError) -> str:
+    import errno
+
+    hint = {errno.EADDRINUSE: "another process is listening there; choose another --port (0: any free one)",
+            errno.EACCES: "ports below 1024 need privileges; choose --port 1024 or above",
+            errno.EADDRNOTAVAIL: "this machine has no such address; use 127.0.0.1 or 0.0.0.0"}.get(
+        exc.errno or 0, "check --host and --port")
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}"
+
+
+def _check_bind(host: str, port: int) -> None:
+    """ConfigError (one line) if ``host:port`` cannot be bound right now."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve --host {host!r}: {exc}", field="host", value=host) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(_bind_message(host, port, exc), field="port", value=port) from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -346,7 +447,7 @@ def _train_parity(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("batch_size", args.batch_groups), ("lr", args.lr)) if v is not None}
     optim = replace(optim, **overrides)
     common: dict[str, Any] = dict(recipe=args.recipe, data_root=args.data_root, download=args.download,
-                                  cache_dir=args.cache_dir, progress=not args.no_progress)
+                                  cache_dir=args.cache_dir, progress=not args.no_progress, inputs=args.inputs)
     if args.parity_index is None and code.r > 1:
         records = train_parities(args.base, args.out, code, optim, arch=args.arch, init=args.init or init, **common)
         folders = parity_set_dirs(args.out, code.r)
@@ -356,25 +457,54 @@ def _train_parity(args: argparse.Namespace) -> int:
     for record, folder in zip(records, folders):
         m = record.metrics
         which = f" parity {record.parity_index} of r={record.r}" if (record.r or 1) > 1 else ""
+        degraded = f"degraded top-1 {m['val_degraded_top1']:.4f}, " if "val_degraded_top1" in m else ""
         print(f"parity k={record.k} encoder={record.encoder}{which}: best epoch {m['best_epoch']}, validation "
-              f"degraded top-1 {m['val_degraded_top1']:.4f}, reconstruction top-1 {m['val_reconstruction_top1']:.4f}; "
-              f"saved to {folder}")
+              f"{degraded}reconstruction top-1 {m['val_reconstruction_top1']:.4f}; saved to {folder}")
     return 0
 
 
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else "—" if r[c] is None else str(r[c]) for c in columns]
+             for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
+def _numbers(text: str, flag: str, kind: type = float) -> list[Any]:
+    try:
+        return [kind(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 1,28,28; got {text!r}", field=flag,
+                          value=text) from None
+
+
+def _import(args: argparse.Namespace) -> int:
+    from parm.training import import_model
+
+    renames = []
+    for item in args.rename:
+        old, sep, new = item.partition("=")
+        if not sep or not old:
+            raise ConfigError(f"--rename takes OLD=NEW (a key prefix and its replacement); got {item!r}",
+                              field="rename", value=item)
+        renames.append((old, new))
+    record = import_model(args.out, arch=args.arch, weights=args.weights, in_shape=_numbers(args.in_shape, "--in-shape", int),
+                          num_classes=args.classes, mean=_numbers(args.mean, "--mean"), std=_numbers(args.std, "--std"),
+                          renames=renames, dataset=args.dataset, data_root=args.data_root, download=args.download)
+    accuracy = record.metrics.get("available_top1")
+    measured = f"; test accuracy on {record.dataset} (A_a) {accuracy:.4f}" if accuracy is not None else ""
+    print(f"imported {record.arch} (input {list(record.in_shape)}, "
+          f"{record.num_classes} classes){measured}; saved to {args.out}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from parm.training import evaluate
 
     results = [r.to_json() for r in evaluate(args.base, args.parity, split=args.split, data_root=args.data_root,
-                                             download=args.download, cache_dir=args.cache_dir)]
+                                             download=args.download, cache_dir=args.cache_dir, inputs=args.inputs)]
     print(_table(results, ["dataset", "model", "k", "encoder", "available_top1", "degraded_top1",
                            "degraded_top5", "reconstruction_top1", "default_top1", "num_test_groups"]))
     if args.json:
@@ -391,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _set_threads(args)
         return func(args)
     except ConfigError as exc:
         print(f"parm: error: {exc}", file=sys.stderr)

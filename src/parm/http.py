@@ -46,6 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from parm.errors import BadQueryError, ConfigError, DeadlineExceededError, OverloadedError
 from parm.serving.metrics import ServingMetrics
+from parm.serving.recorder import InputRecorder
 from parm.serving.types import PredictService
 
 logger = logging.getLogger(__name__)
@@ -345,7 +346,9 @@ def _error_body(type_: str, message: str, **extra: Any) -> bytes:
 class _App:
     """The ASGI callable: routes, reads bodies within limits, maps errors to statuses."""
 
-    def __init__(self, service: PredictService, metrics: ServingMetrics, limits: HttpLimits) -> None:
+    def __init__(self, service: PredictService, metrics: ServingMetrics, limits: HttpLimits,
+                 recorder: InputRecorder | None = None) -> None:
+        self._recorder = recorder
         self._service = service
         self._metrics = metrics
         self._limits = limits
@@ -407,6 +410,8 @@ class _App:
         try:
             queries = await self._parse(body)  # (N, *query_shape) float32
             n = queries.shape[0]
+            if self._recorder is not None:
+                self._recorder.offer(queries)
             predictions = await self._service.predict(queries)
         except BadQueryError:
             self._rejected_bad.inc(n)
@@ -490,9 +495,11 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def make_app(service: PredictService, metrics: ServingMetrics, limits: HttpLimits = HttpLimits()) -> ASGIApp:
-    """The ASGI app serving ``service``: POST /v1/predict, GET /healthz, GET /metrics (see module docstring)."""
-    return _App(service, metrics, limits)
+def make_app(service: PredictService, metrics: ServingMetrics, limits: HttpLimits = HttpLimits(), *,
+             recorder: InputRecorder | None = None) -> ASGIApp:
+    """The ASGI app serving ``service``: POST /v1/predict, GET /healthz, GET /metrics (see module
+    docstring). With ``recorder``, a sample of the inputs of valid predict requests is recorded."""
+    return _App(service, metrics, limits, recorder)
 
 
 # -------------------------------------------------------------------------------------------- server

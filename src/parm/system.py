@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.backends.base import Backend
@@ -21,6 +21,9 @@ from parm.checkpoint import ModelRecord, check_parity_matches, load_parity_set, 
 from parm.errors import CheckpointMismatchError, ConfigError
 from parm.faults import DEFAULT_HORIZON_S, FaultSpec, instance_schedules
 from parm.serving import CODED_MODES, Frontend, ServingConfig, ServingMetrics, instance_roles, parity_role
+
+if TYPE_CHECKING:
+    from parm.serving.recorder import RecordSpec
 
 log = logging.getLogger(__name__)
 
@@ -225,17 +228,23 @@ def default_backend_factory(spec: SystemSpec) -> Callable[[list[InstanceSpec]], 
 
 
 async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callable[[str, int], None] | None = None,
-                     stop: asyncio.Event | None = None, max_body_bytes: int | None = None) -> None:
-    """Start the system and its HTTP API; serve until ``stop`` is set; then shut everything down."""
+                     stop: asyncio.Event | None = None, max_body_bytes: int | None = None,
+                     record: RecordSpec | None = None) -> None:
+    """Start the system and its HTTP API; serve until ``stop`` is set; then shut everything down.
+    With ``record``, a sample of served inputs is written to files (:mod:`parm.serving.recorder`)."""
     from parm.http import HttpLimits, make_app, serve_http
+    from parm.serving.recorder import InputRecorder
 
     frontend = build_system(spec)
     await frontend.start()  # stops what it started if it fails
+    recorder = InputRecorder(record) if record is not None else None
     try:
         limits = HttpLimits() if max_body_bytes is None else HttpLimits(max_body_bytes=max_body_bytes)
-        app = make_app(frontend, frontend.metrics, limits)
+        app = make_app(frontend, frontend.metrics, limits, recorder=recorder)
         await serve_http(app, host, port, on_ready=on_ready, stop=stop)
     finally:
+        if recorder is not None:
+            recorder.close()
         await frontend.stop()  # deletes the Ray Serve deployments too
         if spec.backend == "ray":
             from parm.backends.ray_serve import shutdown_cluster

@@ -169,7 +169,8 @@ def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
         raise ConfigError(f"{exp.source}: [system] needs base = CHECKPOINT for parm bench", field="system.base",
                           value=None)
     base_record = load_record(exp.system["base"])
-    test = load_dataset(base_record.dataset, "test", data_root=exp.system.get("data_root"))
+    test = load_dataset(base_record.dataset, "test", data_root=exp.system.get("data_root")).prepared_for(
+        base_record.in_shape, base_record.mean, base_record.std, model=f"the base model in {exp.system['base']}")
     inputs, labels = test.float_images(), test.labels.tolist()
     out.mkdir(parents=True, exist_ok=True)
     modes = [m for m in exp.modes if m != "cheap" or exp.system.get("cheap")]

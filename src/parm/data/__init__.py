@@ -7,6 +7,7 @@ from parm.data.cifar import read_cifar
 from parm.data.download import RemoteFile
 from parm.data.idx import read_idx
 from parm.data.imagefolder import read_image_folder
+from parm.data.inputs import load_inputs
 from parm.data.registry import (
     DATASETS,
     ArrayDataset,
@@ -25,6 +26,7 @@ __all__ = [
     "RemoteFile",
     "download_dataset",
     "load_dataset",
+    "load_inputs",
     "read_cifar",
     "read_idx",
     "read_image_folder",

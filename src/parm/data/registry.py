@@ -13,7 +13,9 @@ to the working folder, or else relative to the data root); its mean/std come fro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -255,12 +257,34 @@ class ArrayDataset:
         _, c, h, w = self.images.shape
         return c, h, w
 
+    def prepared_for(self, in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float], *,
+                     model: str) -> ArrayDataset:
+        """This split as the model named ``model`` expects its inputs: the same images, normalised
+        with the model's own ``mean``/``std`` (its checkpoint record's, not the dataset's). Images of
+        another shape than the model's ``in_shape`` (C, H, W) are an error naming both."""
+        want = tuple(int(v) for v in in_shape)
+        if self.image_shape != want:
+            raise ShapeError(
+                f"{self.name} images are {_shape_text(self.image_shape)} but {model} takes inputs of "
+                f"{_shape_text(want)}; use a dataset whose images fit the model (channels and size)",
+                expected=want, got=self.image_shape)
+        mean_t, std_t = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        _check_norm(f"{model} (its record)", self.image_shape[0], mean_t, std_t)
+        return dataclasses.replace(self, mean=mean_t, std=std_t)
+
     def float_images(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Images (all, or ``self.images[index]``) as float32 (n, C, H, W), normalised (x/255 - mean)/std."""
         x = self.images if index is None else self.images[index]  # (n, C, H, W) uint8
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
         return x.to(torch.float32).div_(255.0).sub_(mean).div_(std)  # (n, C, H, W)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    if len(shape) != 3:
+        return "shape " + "x".join(str(v) for v in shape)
+    c, h, w = shape
+    return f"{c} channel{'s' if c != 1 else ''} of {h}x{w}"
 
 
 # ---------------------------------------------------------------------------------------------

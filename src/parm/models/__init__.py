@@ -2,7 +2,7 @@
 
 from parm.models.lenet import LeNet5
 from parm.models.mlp import MLP
-from parm.models.registry import ARCHITECTURES, build_model
+from parm.models.registry import ARCHITECTURES, build_model, check_arch
 from parm.models.resnet import ResNet18
 
-__all__ = ["ARCHITECTURES", "LeNet5", "MLP", "ResNet18", "build_model"]
+__all__ = ["ARCHITECTURES", "LeNet5", "MLP", "ResNet18", "build_model", "check_arch"]

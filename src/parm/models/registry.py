@@ -74,6 +74,13 @@ def _call_factory(factory: Factory, in_shape: tuple[int, ...], num_classes: int)
     return factory(**kwargs)
 
 
+def check_arch(arch: str) -> None:
+    """Fail now (ConfigError listing the built-in names) if ``arch`` is neither a built-in
+    architecture nor an importable factory — before any data is loaded."""
+    if arch not in ARCHITECTURES:
+        _import_factory(arch)
+
+
 def build_model(arch: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build an untrained model.
 

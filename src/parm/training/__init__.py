@@ -4,6 +4,7 @@
 from parm.training.base import train_base
 from parm.training.config import OptimConfig, ParityConfig, base_recipe, parity_recipe
 from parm.training.evaluate import EvalResult, evaluate
+from parm.training.importing import import_model
 from parm.training.metrics import default_top1, degraded_metrics, overall_accuracy, topk_correct
 from parm.training.parity import train_parities, train_parity
 
@@ -15,6 +16,7 @@ __all__ = [
     "default_top1",
     "degraded_metrics",
     "evaluate",
+    "import_model",
     "overall_accuracy",
     "parity_recipe",
     "topk_correct",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from parm.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
 from parm.data import ArrayDataset, load_dataset, train_val_split
-from parm.models import build_model
+from parm.models import build_model, check_arch
 from parm.training.config import OptimConfig, base_recipe
 from parm.training.loop import FitSpec, fit
 from parm.training.metrics import topk_correct
@@ -60,6 +60,7 @@ def train_base(
     """
     optim = optim or base_recipe()
     out = Path(out)
+    check_arch(arch)  # an unknown --model fails before the dataset loads
     train = load_dataset(dataset, "train", data_root=data_root, download=download)
     test = load_dataset(dataset, "test", data_root=data_root, download=download)
     train_idx, val_idx = train_val_split(len(train), optim.val_size, optim.seed)

@@ -33,11 +33,11 @@ class EvalResult:
     parity_index: int
     encoder: str
     split: str
-    available_top1: float
-    degraded_top1: float
-    degraded_top5: float
+    available_top1: float | None  # None: unlabelled inputs (``inputs``), where only agreement is measured
+    degraded_top1: float | None
+    degraded_top5: float | None
     reconstruction_top1: float
-    default_top1: float
+    default_top1: float | None
     num_test_groups: int
     num_test_samples: int
     base: str
@@ -55,12 +55,21 @@ def evaluate(
     data_root: str | Path | None = None,
     download: bool = False,
     cache_dir: str | Path | None = None,
+    inputs: str | Path | None = None,
 ) -> list[EvalResult]:
-    """One EvalResult per parity checkpoint; each must have been trained for ``base_dir``."""
-    _, base, data, coded = load_coded_split(base_dir, split, data_root=data_root, download=download,
-                                            cache_dir=cache_dir)
-    available = topk_correct(coded.outputs, coded.labels).float().mean().item()
-    default = default_top1(coded.labels, base.num_classes)
+    """One EvalResult per parity checkpoint; each must have been trained for ``base_dir``. With
+    ``inputs`` (unlabelled inputs, :mod:`parm.data.inputs`) instead of the base's dataset, only
+    ``reconstruction_top1`` (agreement of reconstructions with the deployed model) is measured;
+    the label-based fields are None and ``split`` is ``"inputs"``."""
+    _, base, _, coded = load_coded_split(base_dir, split, data_root=data_root, download=download,
+                                         cache_dir=cache_dir, inputs=inputs)
+    if coded.labels is None:
+        available = default = None
+        split_name = "inputs"
+    else:
+        available = topk_correct(coded.outputs, coded.labels).float().mean().item()
+        default = default_top1(coded.labels, base.num_classes)
+        split_name = split
     results = []
     for parity_dir in parity_dirs:
         model, record = load_checkpoint(parity_dir)
@@ -71,8 +80,9 @@ def evaluate(
         metrics = reconstruction_metrics(parity, model, coded, groups)
         results.append(EvalResult(
             dataset=base.dataset, model=base.arch, parity_model=record.arch, k=record.k, r=record.r,
-            parity_index=parity.parity_index, encoder=record.encoder, split=split, available_top1=available,
+            parity_index=parity.parity_index, encoder=record.encoder, split=split_name, available_top1=available,
             default_top1=default, num_test_groups=len(groups), num_test_samples=len(coded.images),
-            base=str(base_dir), parity=str(parity_dir), **metrics,
+            base=str(base_dir), parity=str(parity_dir), reconstruction_top1=metrics["reconstruction_top1"],
+            degraded_top1=metrics.get("degraded_top1"), degraded_top5=metrics.get("degraded_top5"),
         ))
     return results

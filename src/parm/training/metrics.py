@@ -12,17 +12,18 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torc
     return (top == labels.unsqueeze(-1)).any(dim=-1)
 
 
-def degraded_metrics(recon: torch.Tensor, base_out: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def degraded_metrics(recon: torch.Tensor, base_out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
     """Metrics over every group and every erased position.
 
     recon (G, k, C): reconstruction of position j of group g when it alone is missing;
-    base_out (G, k, C): the deployed model's outputs; labels (G, k).
+    base_out (G, k, C): the deployed model's outputs; labels (G, k), or None for unlabelled inputs
+    (then only ``reconstruction_top1``, the agreement with the deployed model, is measured).
     """
-    return {
-        "degraded_top1": topk_correct(recon, labels, 1).float().mean().item(),
-        "degraded_top5": topk_correct(recon, labels, 5).float().mean().item(),
-        "reconstruction_top1": (recon.argmax(-1) == base_out.argmax(-1)).float().mean().item(),
-    }
+    metrics = {"reconstruction_top1": (recon.argmax(-1) == base_out.argmax(-1)).float().mean().item()}
+    if labels is not None:
+        metrics["degraded_top1"] = topk_correct(recon, labels, 1).float().mean().item()
+        metrics["degraded_top5"] = topk_correct(recon, labels, 5).float().mean().item()
+    return metrics
 
 
 def default_top1(labels: torch.Tensor, num_classes: int) -> float:

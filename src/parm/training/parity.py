@@ -33,13 +33,14 @@ from parm.checkpoint import (
 from parm.coding import CodeConfig, encode, reconstruct_each
 from parm.data import ArrayDataset, load_dataset, train_val_split
 from parm.data.groups import fixed_groups, sample_groups
+from parm.data.inputs import load_inputs
 from parm.data.registry import Split
 from parm.errors import CheckpointError, ConfigError
 from parm.models import build_model
 from parm.training.config import OptimConfig, ParityConfig
 from parm.training.loop import FitSpec, finished, fit
 from parm.training.metrics import degraded_metrics
-from parm.training.outputs import cached_outputs
+from parm.training.outputs import cached_input_outputs, cached_outputs, inputs_digest
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,15 @@ RESUME_DIR = "resume"  # fit's state folder inside a parity checkpoint folder
 
 @dataclass(frozen=True)
 class CodedData:
-    """Inputs and base outputs of one split, ready to be grouped: images (N, *S), outputs (N, C)."""
+    """Inputs and base outputs of one split, ready to be grouped: images (N, *S), outputs (N, C),
+    labels (N,) — None for unlabelled inputs (``--inputs``)."""
 
     images: torch.Tensor
     outputs: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
+
+    def take(self, index: torch.Tensor) -> CodedData:
+        return CodedData(self.images[index], self.outputs[index], None if self.labels is None else self.labels[index])
 
 
 def parity_targets(parity: ParityConfig, outputs: torch.Tensor) -> torch.Tensor:
@@ -95,7 +100,7 @@ def reconstruction_metrics(
     ])  # (G, C)
     base_out = data.outputs[groups]  # (G, k, C)
     recon = reconstruct_each(parity.code, base_out, parity_out, parity.parity_index)  # (G, k, C)
-    return degraded_metrics(recon, base_out, data.labels[groups])
+    return degraded_metrics(recon, base_out, None if data.labels is None else data.labels[groups])
 
 
 def _init_parity_model(parity: ParityConfig, base_record: ModelRecord, base_model: torch.nn.Module) -> torch.nn.Module:
@@ -113,17 +118,19 @@ def _init_parity_model(parity: ParityConfig, base_record: ModelRecord, base_mode
 
 
 def _parity_record(parity: ParityConfig, base: ModelRecord, optim: OptimConfig, recipe: str,
-                   metrics: dict[str, float]) -> ModelRecord:
+                   metrics: dict[str, float], inputs: dict[str, object] | None = None) -> ModelRecord:
     return ModelRecord(
         kind="parity", arch=parity.arch or base.arch, in_shape=base.in_shape, num_classes=base.num_classes,
         dataset=base.dataset, mean=base.mean, std=base.std, k=parity.code.k, r=parity.code.r,
         parity_index=parity.parity_index, encoder=parity.code.encoder, base_sha256=base.weights_sha256,
-        metrics=metrics, config={"recipe": recipe, "optim": optim.to_json(), "parity": parity.to_json()},
+        metrics=metrics, config={"recipe": recipe, "optim": optim.to_json(), "parity": parity.to_json(),
+                                **({} if inputs is None else {"inputs": inputs})},
     )
 
 
-def _fingerprint(parity: ParityConfig, base: ModelRecord) -> dict[str, object]:
-    return {"kind": "parity", "base_sha256": base.weights_sha256, **parity.to_json()}
+def _fingerprint(parity: ParityConfig, base: ModelRecord, digest: str | None = None) -> dict[str, object]:
+    extra = {} if digest is None else {"inputs_sha256": digest}  # resume only on the same inputs
+    return {"kind": "parity", "base_sha256": base.weights_sha256, **parity.to_json(), **extra}
 
 
 def _desc(parity: ParityConfig) -> str:
@@ -134,11 +141,20 @@ def _desc(parity: ParityConfig) -> str:
 
 def load_coded_split(
     base_dir: str | Path, split: Split, *, data_root: str | Path | None = None, download: bool = False,
-    cache_dir: str | Path | None = None,
-) -> tuple[torch.nn.Module, ModelRecord, ArrayDataset, CodedData]:
-    """Base model, its record, and a split of its dataset with cached base outputs."""
+    cache_dir: str | Path | None = None, inputs: str | Path | None = None,
+) -> tuple[torch.nn.Module, ModelRecord, ArrayDataset | None, CodedData]:
+    """Base model, its record, and a split of its dataset with cached base outputs — or, with
+    ``inputs`` (:func:`parm.data.load_inputs`), those unlabelled inputs instead (no dataset)."""
     base_model, base = load_checkpoint(base_dir)
+    if inputs is not None:
+        images = load_inputs(inputs, base.in_shape, base.mean, base.std)  # (N, *S)
+        outputs = cached_input_outputs(base_model, base.weights_sha256, images, inputs_digest(images), cache_dir)
+        return base_model, base, None, CodedData(images, outputs, None)
+    if not base.dataset:
+        raise ConfigError(f"the base checkpoint {base_dir} records no dataset (it was imported without --dataset); "
+                          "pass --inputs PATH with inputs of the deployed model", field="inputs", value=None)
     data = load_dataset(base.dataset, split, data_root=data_root, download=download)
+    data = data.prepared_for(base.in_shape, base.mean, base.std, model=f"the base model in {base_dir}")
     outputs = cached_outputs(base_model, base.weights_sha256, data, split, cache_dir)
     return base_model, base, data, CodedData(data.float_images(), outputs, data.labels)
 
@@ -154,20 +170,32 @@ def train_parity(
     download: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    inputs: str | Path | None = None,
 ) -> ModelRecord:
     """Train the parity model for the base checkpoint at ``base_dir``; save the best epoch to ``out``.
+    With ``inputs`` (unlabelled inputs of the deployed model, :mod:`parm.data.inputs`) it trains on
+    those instead of the base's dataset, holding back ``optim.val_size`` of them (at most a fifth)
+    for validation; labels are never needed, validation scores agreement with the deployed model.
 
     Returns the saved record; its metrics hold the validation metrics of the best epoch.
     Running again with the same ``out`` and configuration resumes an interrupted run.
     """
     out = Path(out)
     base_model, base, _, full = load_coded_split(base_dir, "train", data_root=data_root, download=download,
-                                                 cache_dir=cache_dir)
+                                                 cache_dir=cache_dir, inputs=inputs)
     base_optim = base.config.get("optim", {})
-    train_idx, val_idx = train_val_split(len(full.images), base_optim.get("val_size", optim.val_size),
-                                         base_optim.get("seed", optim.seed))
-    train = CodedData(full.images[train_idx], full.outputs[train_idx], full.labels[train_idx])
-    val = CodedData(full.images[val_idx], full.outputs[val_idx], full.labels[val_idx])
+    val_size = base_optim.get("val_size", optim.val_size)
+    digest = None
+    if inputs is not None:  # the base's own split does not apply: hold back part of these inputs
+        val_size, digest = min(optim.val_size, len(full.images) // 5), inputs_digest(full.images)
+        if val_size < parity.code.k:
+            raise ConfigError(f"{len(full.images)} inputs are too few to hold back validation groups of k={parity.code.k}; "
+                              "give at least 5·k inputs (thousands for a useful parity model)", field="inputs",
+                              value=len(full.images))
+    train_idx, val_idx = train_val_split(len(full.images), val_size, base_optim.get("seed", optim.seed))
+    train, val = full.take(train_idx), full.take(val_idx)
+    trained_on: dict[str, object] | None = None if inputs is None else {
+        "path": Path(inputs).name, "sha256": digest, "count": len(full.images)}
     val_groups = fixed_groups(torch.arange(len(val.images)), parity.code.k, VAL_GROUP_SEED)  # (Gv, k)
     torch.manual_seed(optim.seed)
     model = _init_parity_model(parity, base, base_model)
@@ -177,12 +205,13 @@ def train_parity(
         return {"score": metrics["reconstruction_top1"], **{f"val_{k}": v for k, v in metrics.items()}}
 
     def save_best(m: torch.nn.Module, metrics: dict[str, float]) -> None:
-        save_checkpoint(out, m, _parity_record(parity, base, optim, recipe, {**metrics, "best_epoch": metrics["epoch"] + 1}))
+        save_checkpoint(out, m, _parity_record(parity, base, optim, recipe, {**metrics, "best_epoch": metrics["epoch"] + 1},
+                                               trained_on))
 
     spec = FitSpec(
         optim=optim, steps_per_epoch=math.ceil((len(train.images) // parity.code.k) / optim.batch_size),
         batches=_batches(parity, train, optim.batch_size), loss_fn=F.mse_loss, validate=validate,
-        save_best=save_best, state_dir=out / RESUME_DIR, fingerprint=_fingerprint(parity, base),
+        save_best=save_best, state_dir=out / RESUME_DIR, fingerprint=_fingerprint(parity, base, digest),
         best_path=out, progress=progress, desc=_desc(parity),
     )
     result = fit(model, spec)
@@ -217,6 +246,7 @@ def train_parities(
     download: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    inputs: str | Path | None = None,
 ) -> list[ModelRecord]:
     """Train all ``code.r`` parity models for the base checkpoint at ``base_dir``, one after another
     (:func:`train_parity` each, one progress bar each); returns their records by parity index.
@@ -231,11 +261,11 @@ def train_parities(
     records = []
     for i, folder in enumerate(parity_set_dirs(out, code.r)):
         parity = ParityConfig(code=code, parity_index=i, arch=arch, init=init)
-        record = _already_trained(folder, parity, base, optim)
+        record = None if inputs is not None else _already_trained(folder, parity, base, optim)  # inputs: resumed by fit
         if record is not None:
             log.info("%s: already trained in %s, skipped", _desc(parity), folder)
         else:
             record = train_parity(base_dir, folder, parity, optim, recipe=recipe, data_root=data_root,
-                                  download=download, cache_dir=cache_dir, progress=progress)
+                                  download=download, cache_dir=cache_dir, progress=progress, inputs=inputs)
         records.append(record)
     return records

@@ -1,0 +1,36 @@
+"""A new user's first mistakes get one line, early: an unknown model before any data is read, a
+port in use or needing privileges before any instance starts."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from parm.cli import _check_bind, default_threads, main
+from parm.errors import ConfigError
+
+
+def test_an_unknown_model_fails_before_the_dataset_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train-base", "--dataset", "mnist", "--model", "mlp-huge", "--out", str(tmp_path / "b"),
+                 "--data-root", str(tmp_path / "no-data-here"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown architecture 'mlp-huge'" in err and "mlp-small" in err
+    assert "no-data-here" not in err and err.count("\n") == 1  # not a missing-dataset error; one line
+
+
+def test_a_port_in_use_is_one_line_before_anything_starts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: .*choose another --port"):
+            _check_bind("127.0.0.1", port)
+    _check_bind("127.0.0.1", 0)  # any free port: fine
+
+
+def test_default_threads_is_at_least_one_and_at_most_the_cpus() -> None:
+    import os
+
+    assert 1 <= default_threads() <= (os.cpu_count() or 1)
