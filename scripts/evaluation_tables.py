@@ -1,10 +1,13 @@
 """Print the docs/EVALUATION.md tables from runs/bench/*/summary.json and runs/simulate/*/summary.json.
 
     python scripts/evaluation_tables.py runs/bench/load runs/simulate/load ...
+    python scripts/evaluation_tables.py --verdicts runs/bench/default runs/simulate/default ...
 
 Every figure is printed with its 95% interval over trials (`[low, high]`); `inf` is a percentile
 reached by failed queries, `undefined` a ratio whose denominator is not finite; `resent` is re-sent
-data batches per measured query (the warm-up's re-sends included).
+data batches per measured query (the warm-up's re-sends included). The last table of each file
+gives, per point, the best ParM variant against the better of Equal-Resources and hedging (verdict
+``better``/``worse`` when the gap ratio's interval lies above/below 1, else ``tie``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from parm.bench.run_experiment import CODED_FAMILY, format_with_interval
+from parm.bench.run_experiment import CODED_FAMILY, best_against_better, format_with_interval
 
 
 def _ci(stats: dict, key: str, digits: int = 2, unit: str = "") -> str:
@@ -59,10 +62,38 @@ def table(path: Path) -> str:
                                   f"{_ci(stats, f'gap_ratio_vs_{base}', unit='×')} | "
                                   f"{_ci(stats, f'median_ratio_vs_{base}', 3)} | "
                                   f"{_per_trial_ratios(p['modes'][base], stats)} |")
-    return "\n".join(lines + (ratios if len(ratios) > 3 else []))
+    verdicts = ["", "| point | best ParM | better of equal and hedge | gap ratio | verdict | ParM median / equal's |",
+                "|---|---|---|---|---|---|"]
+    for p in summary["points"]:
+        best = best_against_better(p["modes"])
+        if best is not None:
+            verdicts.append(f"| {p['point']['label']} | {best['parm']} | {best['baseline']} | "
+                            f"{format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='×')} | {best['verdict']} | "
+                            f"{format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} |")
+    return "\n".join(lines + (ratios if len(ratios) > 3 else []) + (verdicts if len(verdicts) > 3 else []))
+
+
+def verdicts(paths: list[Path]) -> str:
+    """One table over many runs: each point's best ParM variant against the better of
+    Equal-Resources and hedging (``--verdicts DIR...``)."""
+    lines = ["| experiment | point | best ParM | better of equal and hedge | gap ratio | verdict | ParM median / equal's |",
+             "|---|---|---|---|---|---|---|"]
+    for path in paths:
+        summary = json.loads((path / "summary.json").read_text())
+        for p in summary["points"]:
+            best = best_against_better(p["modes"])
+            if best is not None:
+                lines.append(f"| {summary['experiment']} ({summary['kind']}) | {p['point']['label']} | {best['parm']} | "
+                             f"{best['baseline']} | {format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='×')} "
+                             f"| {best['verdict']} | "
+                             f"{format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(table(Path(arg)))
-        print()
+    if sys.argv[1:2] == ["--verdicts"]:
+        print(verdicts([Path(a) for a in sys.argv[2:]]))
+    else:
+        for arg in sys.argv[1:]:
+            print(table(Path(arg)))
+            print()

@@ -132,3 +132,50 @@ def test_trials_default_to_five(tmp_path) -> None:
     path = tmp_path / "t.toml"
     path.write_text(EXPERIMENT.replace("trials = 3\n", ""))
     assert run_experiment._trials(load_experiment(path), load_experiment(path).simulate) == 5
+
+
+def _stats(p50: float, p999: float | None, **ratios: object) -> dict:
+    return {"p50_ms": p50, "p999_ms": p999, **ratios}
+
+
+def test_best_parm_is_judged_against_the_better_baseline_by_its_interval() -> None:
+    modes = {
+        "equal": _stats(7.0, 400.0),
+        "hedge": _stats(7.0, 100.0),  # the better baseline: the smaller gap
+        "coded": _stats(7.2, 300.0, gap_ratio_vs_hedge=0.3, gap_ratio_vs_hedge_ci=[0.2, 0.4]),
+        "coded-hedge": _stats(7.4, 60.0, gap_ratio_vs_hedge=1.7, gap_ratio_vs_hedge_ci=[1.2, 1.8],
+                              median_ratio_vs_equal=1.06, median_ratio_vs_equal_ci=[1.01, 1.1]),
+    }
+    best = run_experiment.best_against_better(modes)
+    assert best is not None
+    assert (best["parm"], best["baseline"], best["verdict"]) == ("coded-hedge", "hedge", "better")
+    assert best["median_vs_equal"] == 1.06
+    modes["coded-hedge"]["gap_ratio_vs_hedge_ci"] = [0.8, 1.9]
+    assert run_experiment.best_against_better(modes)["verdict"] == "tie"  # type: ignore[index]
+    modes["coded-hedge"]["gap_ratio_vs_hedge_ci"] = [0.5, 0.9]
+    assert run_experiment.best_against_better(modes)["verdict"] == "worse"  # type: ignore[index]
+    modes["equal"]["p999_ms"] = None  # failed queries: an infinite gap is never the better baseline
+    assert run_experiment.best_against_better(modes)["baseline"] == "hedge"  # type: ignore[index]
+    assert run_experiment.best_against_better({"equal": modes["equal"]}) is None  # no ParM run
+    assert "best ParM (coded-hedge) vs better baseline (hedge)" in run_experiment.format_best(
+        run_experiment.best_against_better(modes))  # type: ignore[arg-type]
+
+
+def test_a_load_spike_compresses_the_same_arrivals_inside_its_window() -> None:
+    from parm.bench.loadgen import Spike, poisson_gaps_s
+    from parm.errors import ConfigError
+
+    plain = poisson_gaps_s(20_000, 100.0, seed=3)
+    np.testing.assert_array_equal(poisson_gaps_s(20_000, 100.0, seed=3, spike=None), plain)
+    spike = Spike(at_s=50.0, duration_s=20.0, factor=2.0)
+    times = np.cumsum(poisson_gaps_s(20_000, 100.0, seed=3, spike=spike))
+    base = np.cumsum(plain)
+    assert np.all(np.diff(times) >= 0) and len(times) == len(base)
+    np.testing.assert_array_equal(times[base < 50.0], base[base < 50.0])  # untouched before the spike
+    inside = ((times >= 50.0) & (times < 70.0)).sum()
+    before = ((times >= 30.0) & (times < 50.0)).sum()
+    assert 1.8 < inside / before < 2.2  # twice the rate during the spike
+    after = times[base >= 90.0] - (base[base >= 90.0] - 20.0)  # after it, the base rate, 20 s sooner
+    np.testing.assert_allclose(after, 0.0, atol=1e-9)
+    with pytest.raises(ConfigError):
+        Spike(at_s=1.0, duration_s=0.0, factor=2.0)

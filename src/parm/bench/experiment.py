@@ -15,6 +15,7 @@ rate = 150                          # or rates = [100, 150, 200] to sweep
 warmup = 200
 trials = 5                          # each trial its own fault realisation (default 5)
 seed = 0
+spike = { at_s = 6.0, duration_s = 3.0, factor = 1.6 }   # optional: arrivals 1.6x faster for 3 s
 [faults]                            # parm.faults TOML: seed, [[faults.fault]] tables
 seed = 1
 [[faults.fault]]
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parm.bench.loadgen import Spike
 from parm.errors import ConfigError
 from parm.faults import FaultSpec, fault_spec_from_dict
 from parm.faults.spec import SlowEpisodes
@@ -73,9 +75,9 @@ SYSTEM_SECTION_KEYS = frozenset(SERVING_KEYS | (SYSTEM_KEYS - {"backend", "ray_a
 SIM_SERVING_KEYS = frozenset(SERVING_KEYS - {"k", "batch_size"})
 SECTION_KEYS = {
     "system": SYSTEM_SECTION_KEYS,
-    "load": frozenset({"rate", "rates", "queries", "warmup", "trials", "seed"}),
+    "load": frozenset({"rate", "rates", "queries", "warmup", "trials", "seed", "spike"}),
     "simulate": SIM_SERVING_KEYS | {"instances", "rate", "rates", "queries", "trials", "warmup", "service", "modes",
-                                    "restart_s"},
+                                    "restart_s", "spike"},
     "sweep": frozenset(SWEEPS),
 }
 
@@ -141,6 +143,17 @@ class Experiment:
         _check_keys(self.source, "system", given)
         return dataclasses.replace(self, modes=tuple(modes) if modes else self.modes, load=load, sweep=sweep,
                                    system={**self.system, **given})
+
+    def spike(self, simulated: bool = False) -> Spike | None:
+        """The load spike of ``[load] spike = {at_s, duration_s, factor}`` (``[simulate] spike`` for
+        simulated runs, else the [load] one), or None."""
+        table = (self.simulate.get("spike") if simulated else None) or self.load.get("spike")
+        if table is None:
+            return None
+        if not isinstance(table, dict) or set(table) != {"at_s", "duration_s", "factor"}:
+            raise ConfigError(f"experiment {self.source}: spike needs exactly at_s, duration_s and factor; got {table!r}",
+                              field="load.spike", value=table)
+        return Spike(float(table["at_s"]), float(table["duration_s"]), float(table["factor"]))
 
     def points(self, simulated: bool = False) -> list[Point]:
         """Every point of the sweep (one point when nothing is swept)."""

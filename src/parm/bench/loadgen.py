@@ -41,9 +41,34 @@ def answer_timeout_s(deadline_ms: float) -> float:
     return deadline_ms / 1e3 + GRACE_S
 
 
-def poisson_gaps_s(n: int, rate_qps: float, seed: int) -> np.ndarray:
+@dataclass(frozen=True)
+class Spike:
+    """A burst of load: from ``at_s`` after the first send, for ``duration_s``, arrivals come
+    ``factor`` times faster (the same queries, compressed in time; after the spike the base rate)."""
+
+    at_s: float
+    duration_s: float
+    factor: float
+
+    def __post_init__(self) -> None:
+        if not (self.at_s >= 0 and self.duration_s > 0 and self.factor >= 1):
+            raise ConfigError(f"a spike needs at_s >= 0, duration_s > 0 and factor >= 1; got {self}", field="spike",
+                              value=self)
+
+    def warp(self, base_s: np.ndarray) -> np.ndarray:
+        """Arrival times of the spiked process from those of the base one (a time change of the
+        same Poisson draws: rate × factor inside [at_s, at_s + duration_s))."""
+        start, inside = self.at_s, self.factor * self.duration_s  # base time the spike takes up
+        return np.where(base_s < start, base_s,
+                        np.where(base_s < start + inside, start + (base_s - start) / self.factor,
+                                 base_s - inside + self.duration_s))
+
+
+def poisson_gaps_s(n: int, rate_qps: float, seed: int, spike: Spike | None = None) -> np.ndarray:
     """Gaps (n,) in seconds between the sends of a seeded Poisson process with ``rate_qps``: the
-    first query goes at once (gap 0), each next one an exponential gap after the one before."""
+    first query goes at once (gap 0), each next one an exponential gap after the one before. With
+    ``spike``, the same draws time-changed so that the rate is ``spike.factor`` times higher during
+    the spike (without one, the gaps are exactly those of the plain process)."""
     if n < 1:
         raise ConfigError(f"need n >= 1 queries; got n={n}", field="n", value=n)
     if not (rate_qps > 0 and np.isfinite(rate_qps)):
@@ -51,7 +76,9 @@ def poisson_gaps_s(n: int, rate_qps: float, seed: int) -> np.ndarray:
     gaps = np.empty(n)  # (n,)
     gaps[0] = 0.0
     gaps[1:] = np.random.default_rng(seed).exponential(1.0 / rate_qps, size=n - 1)
-    return gaps
+    if spike is None:
+        return gaps
+    return np.diff(spike.warp(np.cumsum(gaps)), prepend=0.0)
 
 
 def poisson_arrivals_s(n: int, rate_qps: float, seed: int) -> np.ndarray:

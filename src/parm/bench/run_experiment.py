@@ -184,8 +184,8 @@ def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
         point, specs = _system_specs(exp, point, modes, backend, ray_address)
         records_path = out / f"records-{point.label}.csv"
         records_path.unlink(missing_ok=True)
-        sinks = _bench_trials(specs, LoadSpec(queries, point.rate, seed, warmup), trials, inputs, records_path,
-                              progress)
+        sinks = _bench_trials(specs, LoadSpec(queries, point.rate, seed, warmup, exp.spike()), trials, inputs,
+                              records_path, progress)
         stats = {mode: _mode_stats(mode, specs[mode].role_counts(), sinks[mode], labels) for mode in modes}
         _add_intervals(stats, {mode: trial_counts(sinks[mode]) for mode in modes})
         for mode in modes:
@@ -218,6 +218,7 @@ def _simulate_point(exp: Experiment, point: Point, service: ServiceModel, m: int
             started = time.monotonic()
             sinks[mode].append(simulate(configs[mode], roles[mode], service, queries=queries, rate_qps=point.rate,
                                         faults=faults, seed=int(exp.load.get("seed", 0)) + trial, warmup=warmup,
+                                        spike=exp.spike(simulated=True),
                                         **restart))
             wall_s[mode] += time.monotonic() - started
     stats = {mode: {**_mode_stats(mode, count_roles(roles[mode]), sinks[mode]), "wall_s": wall_s[mode]}
@@ -316,6 +317,40 @@ def format_progress(label: str, mode: str, stats: dict[str, Any]) -> str:
             f"p99={_fmt(stats['p99_ms'])} ms p99.9={_fmt(stats['p999_ms'])} ms lost={stats['lost']}")
 
 
+BASELINES = ("equal", "hedge")  # the schemes at equal cost a ParM variant must not lose to
+
+
+def _gap(stats: dict[str, Any]) -> float:
+    p999 = stats.get("p999_ms")
+    return (float("inf") if p999 is None else float(p999)) - float(stats["p50_ms"])
+
+
+def best_against_better(modes: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The best ParM variant (smallest pooled p99.9 − p50 among the coded modes run) against the
+    better of Equal-Resources and hedging (the smaller gap of those run): the gap ratio with its 95%
+    interval, a verdict (``better``: the interval lies above 1; ``worse``: below 1; else ``tie``),
+    and the variant's median against Equal-Resources'. None when either side was not run."""
+    ours = [m for m in CODED_FAMILY if m in modes]
+    bases = [m for m in BASELINES if m in modes]
+    if not ours or not bases:
+        return None
+    best = min(ours, key=lambda m: _gap(modes[m]))
+    base = min(bases, key=lambda m: _gap(modes[m]))
+    stats = modes[best]
+    ratio, ci = stats.get(f"gap_ratio_vs_{base}"), stats.get(f"gap_ratio_vs_{base}_ci")
+    verdict = "undefined" if ratio is None or not ci or None in ci else \
+        "better" if ci[0] > 1 else "worse" if ci[1] < 1 else "tie"
+    return {"parm": best, "baseline": base, "gap_ratio": ratio, "gap_ratio_ci": ci, "verdict": verdict,
+            "median_vs_equal": stats.get("median_ratio_vs_equal"), "median_vs_equal_ci": stats.get("median_ratio_vs_equal_ci")}
+
+
+def format_best(best: dict[str, Any]) -> str:
+    median = "" if best["median_vs_equal"] is None else \
+        f"; its median {format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} x equal's"
+    return (f"best ParM ({best['parm']}) vs better baseline ({best['baseline']}): "
+            f"{format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='x')} gap ratio, {best['verdict']}{median}")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The one-screen table: a block per point, a line per mode (instances, percentiles with their
     95% intervals, outcomes), then the coded family's gap and median ratios with intervals."""
@@ -342,6 +377,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                     f"{b} {format_with_interval(stats[gap + b], stats.get(f'{gap}{b}_ci'), unit='x')}" for b in bases))
                 lines.append(f"{ours} median / baseline median: " + ", ".join(
                     f"{b} {format_with_interval(stats[med + b], stats.get(f'{med}{b}_ci'), 3)}" for b in bases))
+        best = best_against_better(p["modes"])
+        if best is not None:
+            lines.append(format_best(best))
         first: dict[str, Any] = next(iter(p["modes"].values()), {})
         trials = first.get("trials")
         if trials:

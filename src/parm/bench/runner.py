@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from parm.bench.loadgen import RecordSink, answer_timeout_s, drive_open_loop, poisson_gaps_s
+from parm.bench.loadgen import RecordSink, Spike, answer_timeout_s, drive_open_loop, poisson_gaps_s
 from parm.errors import ConfigError
 from parm.system import SystemSpec, build_system
 
@@ -26,6 +26,7 @@ class LoadSpec:
     rate_qps: float
     seed: int = 0
     warmup: int = 0
+    spike: Spike | None = None  # a burst of load (see :class:`parm.bench.loadgen.Spike`)
 
     def __post_init__(self) -> None:
         if self.queries < 1 or not self.rate_qps > 0 or not 0 <= self.warmup < self.queries:
@@ -40,7 +41,7 @@ async def run_mode(system: SystemSpec, inputs: torch.Tensor, load: LoadSpec, *, 
     query's record (:func:`parm.bench.stats.summarize` makes the summary), with the backend's
     restart count."""
     frontend = build_system(system, backend_factory=backend_factory)
-    gaps = poisson_gaps_s(load.queries, load.rate_qps, load.seed)
+    gaps = poisson_gaps_s(load.queries, load.rate_qps, load.seed, load.spike)
     started = time.monotonic()
     await frontend.start()
     log.debug("%s started in %.2f s", system.serving.mode, time.monotonic() - started)

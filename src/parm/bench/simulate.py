@@ -21,7 +21,7 @@ import torch
 
 from parm.backends.base import Backend, InstanceSpec, ModelRef
 from parm.bench.histogram import LatencyHistogram
-from parm.bench.loadgen import HistogramSink, answer_timeout_s, drive_open_loop, poisson_gaps_s
+from parm.bench.loadgen import HistogramSink, Spike, answer_timeout_s, drive_open_loop, poisson_gaps_s
 from parm.errors import ConfigError
 from parm.faults import DEFAULT_HORIZON_S, FaultSpec, InstanceFaults, instance_schedules
 from parm.serving import Frontend, ServingConfig
@@ -217,13 +217,14 @@ def sim_serving_config(mode: str, *, settings: dict[str, Any] | None = None) -> 
 
 
 async def _run(config: ServingConfig, backend: SimBackend, sink: HistogramSink, *, queries: int, rate_qps: float,
-               seed: int, frontend_factory: Callable[..., Frontend] = Frontend) -> HistogramSink:
+               seed: int, frontend_factory: Callable[..., Frontend] = Frontend, spike: Spike | None = None
+               ) -> HistogramSink:
     """The real frontend over ``backend`` on the running (virtual-time) loop, driven open loop."""
     loop = asyncio.get_running_loop()
     frontend = frontend_factory(config, backend, clock=loop.time)  # the frontend's clock is the virtual one too
     await frontend.start()
     frontend.backend.set_time_origin(0.0)
-    await drive_open_loop(frontend.submit, [torch.zeros(*SIM_QUERY_SHAPE)], poisson_gaps_s(queries, rate_qps, seed),
+    await drive_open_loop(frontend.submit, [torch.zeros(*SIM_QUERY_SHAPE)], poisson_gaps_s(queries, rate_qps, seed, spike),
                           sink, answer_timeout_s=answer_timeout_s(config.deadline_ms), clock=loop.time, lead_s=0.0,
                           min_sleep_s=0.0)  # virtual time: every query exactly on schedule
     await frontend.stop()
@@ -234,15 +235,16 @@ async def _run(config: ServingConfig, backend: SimBackend, sink: HistogramSink, 
 
 def simulate(config: ServingConfig, roles: list[str], service: ServiceModel, *, queries: int, rate_qps: float,
              faults: FaultSpec | None = None, seed: int = 0, warmup: int = 0, restart_s: float = 1.0,
-             histogram: LatencyHistogram | None = None, frontend_factory: Callable[..., Frontend] = Frontend
-             ) -> HistogramSink:
+             histogram: LatencyHistogram | None = None, frontend_factory: Callable[..., Frontend] = Frontend,
+             spike: Spike | None = None) -> HistogramSink:
     """Run ``queries`` Poisson arrivals through the real frontend over simulated instances; the
     latencies of queries ``warmup``.. (plus the service model's ``overhead_ms``) go into
     ``histogram`` (a new one by default), their outcomes into the returned sink.
 
     The run ends when every query has an outcome or, at the latest, ``deadline_ms`` + GRACE_S
     after the last arrival (virtual time, ``elapsed_s``); queries without an outcome by then are
-    ``lost``. ``frontend_factory`` builds the frontend (tests pass a deliberately broken one)."""
+    ``lost``. ``frontend_factory`` builds the frontend (tests pass a deliberately broken one);
+    ``spike`` adds a burst of load (:class:`parm.bench.loadgen.Spike`)."""
     if config.query_shape != SIM_QUERY_SHAPE:
         raise ConfigError(f"simulated queries have shape {SIM_QUERY_SHAPE}; build the ServingConfig with it",
                           field="query_shape", value=config.query_shape)
@@ -250,4 +252,4 @@ def simulate(config: ServingConfig, roles: list[str], service: ServiceModel, *, 
                          horizon_s=max(3600.0, 10 * queries / rate_qps), holds_spare=config.holds_spare)
     sink = HistogramSink(warmup, service.overhead_ms, histogram)
     return run_virtual(_run(config, backend, sink, queries=queries, rate_qps=rate_qps, seed=seed,
-                            frontend_factory=frontend_factory))
+                            frontend_factory=frontend_factory, spike=spike))
