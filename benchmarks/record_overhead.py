@@ -8,7 +8,9 @@ Each round starts ``parm serve --mode coded`` twice (without, then with recordin
 ``--requests`` single-query requests at ``--rate`` per second on one keep-alive connection (paced,
 not open loop: the client waits for each answer, so it measures the server's latency at a load it
 keeps up with), and records each request's latency. Prints p50/p99 per setting and round, the added
-p50 (median over rounds), and the bytes written by the recorder. Run it on an otherwise quiet machine.
+p50 (median over rounds), the bytes written by the recorder, the run-to-run spread of p50 (a fresh
+server per run), and the recorder's own cost per request on the serving loop, timed in-process (what
+recording adds to every request, whatever the noise between runs). Run it on an otherwise quiet machine.
 """
 
 from __future__ import annotations
@@ -57,6 +59,23 @@ def _drive(port: int, requests: int, rate: float, seed: int) -> np.ndarray:
     return latencies
 
 
+def offer_cost_us(fraction: float, calls: int = 100_000) -> float:
+    """The recorder's own cost on the serving loop: microseconds per ``offer`` of one query."""
+    import torch
+
+    from parm.serving.recorder import InputRecorder, RecordSpec
+
+    with tempfile.TemporaryDirectory(prefix="parm-record-") as folder:
+        recorder = InputRecorder(RecordSpec(Path(folder), fraction=fraction), seed=0)
+        query = torch.randn(1, 1, 28, 28)
+        start = time.perf_counter()
+        for _ in range(calls):
+            recorder.offer(query)
+        elapsed = time.perf_counter() - start
+        recorder.close()
+    return elapsed / calls * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True)
@@ -88,6 +107,11 @@ def main() -> None:
     off, on = statistics.median(p50[False]), statistics.median(p50[True])
     print(f"p50 without recording {off:.3f} ms, with {args.fraction:.0%} recorded {on:.3f} ms: "
           f"{(on - off) / off * 100:+.1f}% (median over {args.rounds} rounds); {written} bytes recorded in all")
+    spread = max(p50[False]) - min(p50[False])
+    print(f"run-to-run spread of p50 without recording: {spread:.3f} ms ({spread / off * 100:.0f}% of it)")
+    cost = offer_cost_us(args.fraction)
+    print(f"the recorder's own cost on the serving loop: {cost:.2f} us per request "
+          f"({cost / 1e3 / off * 100:.3f}% of the p50 without recording)")
 
 
 if __name__ == "__main__":
