@@ -240,3 +240,19 @@ def write_all(root: str | Path) -> Path:
     write_cifar(root, 100)
     write_image_folder_dataset(root)
     return root
+
+
+def train_outside_parm(model, x, y, *, steps: int, lr: float, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Train ``model`` briefly on inputs ``x`` (N, ...) and labels ``y`` (N,) with a plain Adam loop
+    of its own, as a user would outside ParM; returns it in eval mode."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()

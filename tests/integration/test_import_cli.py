@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures_data import train_outside_parm
 from parm.data import load_dataset
 
 USER_MODULE = textwrap.dedent('''
@@ -53,15 +54,7 @@ def user_model(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tup
     train, test = (load_dataset("mnist", split, data_root=data_root) for split in ("train", "test"))
     x, y = train.images.float() / 255.0, train.labels  # the user's own normalisation: x/255, no mean/std
     torch.manual_seed(0)
-    model = user_models.tiny_cnn((1, 28, 28), 10)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        idx = torch.randint(0, len(x), (128,))
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
+    model = train_outside_parm(user_models.tiny_cnn((1, 28, 28), 10), x, y, steps=300, lr=3e-3)
     with torch.inference_mode():
         own = (model(test.images.float() / 255.0).argmax(-1) == test.labels).float().mean().item()
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, work / "weights.pt")

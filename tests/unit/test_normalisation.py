@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures_data import train_outside_parm
 from parm.checkpoint import ModelRecord, save_checkpoint
 from parm.data import load_dataset
 from parm.errors import ShapeError
@@ -35,15 +36,8 @@ def _trained_with_own_normalisation(directory: Path, data_root: Path) -> torch.n
     train = load_dataset("mnist", "train", data_root=data_root)
     x, y = (train.images.float() / 255.0 - MEAN) / STD, train.labels
     torch.manual_seed(0)
-    model = build_model("mlp", (1, 28, 28), 10)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(100):
-        idx = torch.randint(0, len(x), (128,))
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    save_checkpoint(directory, model.eval(), ModelRecord(kind="base", arch="mlp", in_shape=(1, 28, 28), num_classes=10,
+    model = train_outside_parm(build_model("mlp", (1, 28, 28), 10), x, y, steps=100, lr=1e-3)
+    save_checkpoint(directory, model, ModelRecord(kind="base", arch="mlp", in_shape=(1, 28, 28), num_classes=10,
                                                          dataset="mnist", mean=(MEAN,), std=(STD,)))
     return model
 
