@@ -4,6 +4,7 @@ from parm._version import __version__
 from parm.checkpoint import ModelRecord, load_checkpoint, load_parity_set, save_checkpoint
 from parm.coding import CodeConfig, decode, encode, reconstruct_each
 from parm.data import ArrayDataset, load_dataset, resolve_data_root
+from parm.devices import resolve_device, spread_devices
 from parm.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -63,7 +64,9 @@ __all__ = [
     "parity_recipe",
     "reconstruct_each",
     "resolve_data_root",
+    "resolve_device",
     "save_checkpoint",
+    "spread_devices",
     "train_base",
     "train_parities",
     "train_parity",

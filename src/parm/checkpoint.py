@@ -190,7 +190,7 @@ def load_record(directory: str | Path) -> ModelRecord:
     return ModelRecord.from_json(_read_record(Path(directory), RECORD_FILE), Path(directory) / RECORD_FILE)
 
 
-def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> tuple[nn.Module, ModelRecord]:
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelRecord]:
     """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
     directory = Path(directory)
     data = _read_record(directory, RECORD_FILE)

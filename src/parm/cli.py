@@ -31,6 +31,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_device(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    from parm.devices import DEVICE_HELP, PRECISIONS
+
+    p.add_argument("--device", default=None, help=f"where the models run: {DEVICE_HELP}")
+    if precision:
+        p.add_argument("--precision", default=None, choices=PRECISIONS,
+                       help="training forward passes under autocast: fp32 (default), bf16 (any device) or fp16 "
+                            "(CUDA/MPS, with loss scaling); weights and checkpoints stay float32")
+
+
+def _device_given(args: argparse.Namespace) -> dict[str, Any]:
+    """--device/--precision of a training or evaluation command, when given (else the function's defaults)."""
+    return {name: getattr(args, name) for name in ("device", "precision") if getattr(args, name, None) is not None}
+
+
 def default_threads() -> int:
     """Intra-op threads for training and evaluation when ``--threads`` is not given: the CPUs this
     process may run on (affinity), capped by a cgroup v2 CPU quota (``cpu.max``) where there is one.
@@ -78,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int, default=5000,
                    help="validation samples held out of the training split (default: 5000; parity training reuses it)")
+    _add_device(p)
     _add_common(p)
     p.set_defaults(func=_train_base)
 
@@ -89,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                     "inputs were normalised when it was trained (--mean/--std on the 0..1 scale: every later "
                     "command prepares inputs with them). --dataset measures and records its test accuracy.")
     p.add_argument("--arch", required=True, help="mlp, mlp-small, lenet5, resnet18, resnet18-28 or module.path:factory")
-    p.add_argument("--weights", type=Path, required=True, help=".safetensors, or .pt/.pth holding a state dict")
+    p.add_argument("--weights", type=Path, required=True,
+                   help=".safetensors, a .pt/.pth holding a state dict, or a TorchScript archive of that architecture")
     p.add_argument("--in-shape", required=True, help="one input's shape, e.g. 1,28,28 (channels first)")
     p.add_argument("--classes", type=int, required=True, help="number of classes the model scores")
     p.add_argument("--mean", required=True, help="per-channel input mean on the 0..1 scale, e.g. 0.1307 or 0,0,0")
@@ -98,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace the key prefix OLD with NEW (repeatable; 'module.=' strips DataParallel's prefix)")
     p.add_argument("--dataset", default=None, help="measure and record A_a on this dataset's test split")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to create")
+    _add_device(p, precision=False)
     _add_common(p)
     p.set_defaults(func=_import)
 
@@ -129,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="base-output cache (default: ~/.cache/parm/outputs)")
     p.add_argument("--inputs", type=Path, default=None,
                    help=_INPUTS_HELP)
+    _add_device(p)
     _add_common(p)
     p.set_defaults(func=_train_parity)
 
@@ -141,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--inputs", type=Path, default=None,
                    help=_INPUTS_HELP + "; reports reconstruction accuracy (agreement with the deployed model) only")
+    _add_device(p, precision=False)
     _add_common(p)
     p.set_defaults(func=_eval)
 
@@ -208,7 +228,8 @@ def _experiment(args: argparse.Namespace, kind: str):
 
     exp = load_experiment(args.experiment)
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
-    exp = exp.with_overrides(modes=modes, queries=args.queries, rate=args.rate, trials=args.trials)
+    exp = exp.with_overrides(modes=modes, queries=args.queries, rate=args.rate, trials=args.trials,
+                             system=_device_settings(args) if kind == "bench" else None)
     if kind == "simulate" and args.trials is not None:
         exp = dataclasses.replace(exp, simulate={**exp.simulate, "trials": args.trials})
     if kind == "simulate" and args.queries is not None:
@@ -303,6 +324,21 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None,
                    help="with --backend ray: a running cluster (auto, HOST:PORT or ray://HOST:10001); "
                         "default: start a local one")
+    from parm.devices import DEVICE_HELP, PRECISIONS
+
+    p.add_argument("--device", default=None,
+                   help=f"where instances run: {DEVICE_HELP}, or a list such as cuda:0,cuda:1; cuda spreads the "
+                        "instances round robin over every visible GPU, several per GPU when there are more "
+                        "instances than GPUs (default: the experiment file's, else auto)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="instances' forward passes: fp32 (default), bf16 or fp16 (CUDA/MPS) under autocast")
+    p.add_argument("--gpus-per-instance", type=float, default=None,
+                   help="with --backend ray: GPUs each replica reserves (default 1 when the device is a GPU; "
+                        "0.25 puts four instances on one GPU)")
+
+
+def _device_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"device": args.device, "precision": args.precision, "gpus_per_instance": args.gpus_per_instance}
 
 
 def _faults(text: str | None) -> FaultSpec | None:
@@ -320,7 +356,7 @@ def _system_spec(args: argparse.Namespace) -> SystemSpec:
     return resolve_system(args.base, parity=args.parity, cheap=args.cheap, mode=args.mode,
                           serving={name: getattr(args, name) for _, name, _, _ in _SERVING_FLAGS},
                           instances=args.instances, faults=_faults(args.faults), emulated_ms=args.emulated_ms,
-                          backend=args.backend, ray_address=args.ray_address)
+                          backend=args.backend, ray_address=args.ray_address, **_device_settings(args))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -400,7 +436,7 @@ def _demo(args: argparse.Namespace) -> int:
                           field="modes", value=[])
     paths = {"base": args.base, "parity": args.parity, "cheap": args.cheap, "data_root": args.data_root}
     system = {**{key: None if path is None else str(path) for key, path in paths.items()},
-              "instances": args.instances, "emulated_ms": args.emulated_ms,
+              "instances": args.instances, "emulated_ms": args.emulated_ms, **_device_settings(args),
               **{name: getattr(args, name) for _, name, _, _ in _SERVING_FLAGS}}
     exp = exp.with_overrides(modes=modes, queries=args.queries, rate=args.rate, trials=args.trials,
                              warmup=args.warmup, seed=args.seed, system=system)
@@ -429,7 +465,7 @@ def _train_base(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     optim = replace(optim, val_size=args.val_size, **overrides)
     record = train_base(args.dataset, args.model, args.out, optim=optim, data_root=args.data_root,
-                        download=args.download, progress=not args.no_progress)
+                        download=args.download, progress=not args.no_progress, **_device_given(args))
     print(f"{record.arch} on {record.dataset}: test accuracy (A_a) {record.metrics['available_top1']:.4f}, "
           f"best epoch {record.metrics['best_epoch']}; saved to {args.out}")
     return 0
@@ -447,7 +483,8 @@ def _train_parity(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("batch_size", args.batch_groups), ("lr", args.lr)) if v is not None}
     optim = replace(optim, **overrides)
     common: dict[str, Any] = dict(recipe=args.recipe, data_root=args.data_root, download=args.download,
-                                  cache_dir=args.cache_dir, progress=not args.no_progress, inputs=args.inputs)
+                                  cache_dir=args.cache_dir, progress=not args.no_progress, inputs=args.inputs,
+                                  **_device_given(args))
     if args.parity_index is None and code.r > 1:
         records = train_parities(args.base, args.out, code, optim, arch=args.arch, init=args.init or init, **common)
         folders = parity_set_dirs(args.out, code.r)
@@ -492,7 +529,8 @@ def _import(args: argparse.Namespace) -> int:
         renames.append((old, new))
     record = import_model(args.out, arch=args.arch, weights=args.weights, in_shape=_numbers(args.in_shape, "--in-shape", int),
                           num_classes=args.classes, mean=_numbers(args.mean, "--mean"), std=_numbers(args.std, "--std"),
-                          renames=renames, dataset=args.dataset, data_root=args.data_root, download=args.download)
+                          renames=renames, dataset=args.dataset, data_root=args.data_root, download=args.download,
+                          **_device_given(args))
     accuracy = record.metrics.get("available_top1")
     measured = f"; test accuracy on {record.dataset} (A_a) {accuracy:.4f}" if accuracy is not None else ""
     print(f"imported {record.arch} (input {list(record.in_shape)}, "
@@ -504,7 +542,8 @@ def _eval(args: argparse.Namespace) -> int:
     from parm.training import evaluate
 
     results = [r.to_json() for r in evaluate(args.base, args.parity, split=args.split, data_root=args.data_root,
-                                             download=args.download, cache_dir=args.cache_dir, inputs=args.inputs)]
+                                             download=args.download, cache_dir=args.cache_dir, inputs=args.inputs,
+                                             **_device_given(args))]
     print(_table(results, ["dataset", "model", "k", "encoder", "available_top1", "degraded_top1",
                            "degraded_top5", "reconstruction_top1", "default_top1", "num_test_groups"]))
     if args.json:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.backends.base import Backend
 from parm.checkpoint import ModelRecord, check_parity_matches, load_parity_set, load_record
+from parm.devices import describe
 from parm.errors import CheckpointMismatchError, ConfigError
 from parm.faults import DEFAULT_HORIZON_S, FaultSpec, instance_schedules
 from parm.serving import CODED_MODES, Frontend, ServingConfig, ServingMetrics, instance_roles, parity_role
@@ -50,6 +51,9 @@ class SystemSpec:
     backend: str = "local"  # "local" (processes on this machine) or "ray" (Ray Serve deployments)
     ray_address: str | None = None  # ray backend: a running cluster; None starts a local one
     zones: tuple[str, ...] | None = None  # failure domain of slot i: zones[i % len(zones)] (None: unknown)
+    device: str = "auto"  # where instances run (parm.devices): auto, cpu, cuda (all GPUs), cuda:N, mps or a list
+    precision: str = "fp32"  # instances' forward passes: fp32, bf16 or fp16 (autocast)
+    gpus_per_instance: float | None = None  # ray backend: GPUs each replica reserves (a fraction shares a GPU)
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -70,7 +74,34 @@ class SystemSpec:
         if self.emulated_ms < 0:
             raise ConfigError(f"emulated_ms must be >= 0; got {self.emulated_ms}", field="emulated_ms",
                               value=self.emulated_ms)
+        if self.gpus_per_instance is not None:
+            if self.backend != "ray":
+                raise ConfigError("gpus_per_instance (--gpus-per-instance) is for the ray backend; the local backend "
+                                  "spreads its instances over the GPUs --device names", field="gpus_per_instance",
+                                  value=self.gpus_per_instance)
+            if not self.gpus_per_instance >= 0:
+                raise ConfigError(f"gpus_per_instance must be >= 0; got {self.gpus_per_instance}",
+                                  field="gpus_per_instance", value=self.gpus_per_instance)
+        self.instance_devices()  # an unknown or missing device, or a precision it cannot run, fails here
 
+    def instance_devices(self) -> list[str]:
+        """The device of each instance slot. Local backend: :func:`parm.devices.spread_devices` on this
+        machine (``cuda``/``auto`` round robin over the visible GPUs), checked here so that a missing
+        GPU fails before any process starts. Ray backend: the device is decided where the replica
+        runs: ``cuda`` (the GPU Ray reserves for it) when ``device`` names CUDA, or is ``auto`` with
+        ``gpus_per_instance`` > 0; else the CPU."""
+        from parm.devices import check_precision, spread_devices
+
+        count = len(self._layout)
+        if self.backend == "ray":
+            name = self.device.strip().lower()
+            gpu = name.startswith("cuda") or (name == "auto" and bool(self.gpus_per_instance))
+            devices = ["cuda" if gpu else ("cpu" if name == "auto" else name)] * count
+        else:
+            devices = spread_devices(self.device, count)
+        for device in set(devices):
+            check_precision(self.precision, device.split(":")[0])
+        return devices
     @functools.cached_property
     def _layout(self) -> tuple[str, ...]:
         # computed once per spec (kept in the instance dict, outside the fields)
@@ -98,6 +129,7 @@ class SystemSpec:
         data = dataclasses.asdict(self)
         data["faults"] = None if self.faults is None else self.faults.to_json()
         data["roles"] = self.roles()
+        data["devices"] = self.instance_devices()
         return data
 
 
@@ -141,7 +173,8 @@ def serving_config(query_shape: Sequence[int], *, mode: str | None = None,
 def resolve_system(base: str | Path, *, parity: str | Path | None = None, cheap: str | Path | None = None,
                    mode: str | None = None, serving: Mapping[str, Any] | None = None, instances: int | None = None,
                    faults: FaultSpec | None = None, emulated_ms: float | None = None, backend: str | None = None,
-                   ray_address: str | None = None, zones: Sequence[str] | None = None) -> SystemSpec:
+                   ray_address: str | None = None, zones: Sequence[str] | None = None, device: str | None = None,
+                   precision: str | None = None, gpus_per_instance: float | None = None) -> SystemSpec:
     """The one place a serving system's configuration is resolved (``parm serve``, ``bench``, ``demo``).
 
     Every argument that is None was not given and takes its dataclass default (:class:`SystemSpec`,
@@ -168,7 +201,9 @@ def resolve_system(base: str | Path, *, parity: str | Path | None = None, cheap:
         _check_cheap(base_record, load_record(cheap), str(cheap))
     config = serving_config(base_record.in_shape, mode=mode, settings=settings)
     given: dict[str, Any] = {"instances": instances, "emulated_ms": emulated_ms, "backend": backend,
-                             "ray_address": ray_address, "zones": None if zones is None else tuple(zones)}
+                             "ray_address": ray_address, "zones": None if zones is None else tuple(zones),
+                             "device": device, "precision": precision,
+                             "gpus_per_instance": None if gpus_per_instance is None else float(gpus_per_instance)}
     return SystemSpec(base=str(base), serving=config, parity=None if parity is None else str(parity),
                       cheap=None if cheap is None else str(cheap), faults=faults,
                       **{name: value for name, value in given.items() if value is not None})
@@ -192,10 +227,13 @@ def instance_specs(spec: SystemSpec) -> list[InstanceSpec]:
     if spec.parity is not None and spec.serving.mode in CODED_MODES:
         models |= {parity_role(i): str(path) for i, (path, _) in enumerate(load_parity_set(spec.parity))}
     spare = ModelRef(checkpoint=spec.base)
+    devices = spec.instance_devices()
     specs = [InstanceSpec(i, role, ModelRef(checkpoint=str(models[role])),
                           spec.emulated_ms / spec.serving.k if role == "cheap" else spec.emulated_ms, zone=zone,
-                          spare=spare if spec.serving.holds_spare(role) else None)
-             for i, (role, zone) in enumerate(zip(spec.roles(), spec.zone_of_slots()))]
+                          spare=spare if spec.serving.holds_spare(role) else None, device=device,
+                          precision=spec.precision)
+             for i, (role, zone, device) in enumerate(zip(spec.roles(), spec.zone_of_slots(), devices))]
+    log.info("instances on %s", describe(devices))
     if spec.faults is not None:
         spec.faults.check_instances(len(specs))
     return with_faults(specs, spec.faults)
@@ -224,7 +262,7 @@ def default_backend_factory(spec: SystemSpec) -> Callable[[list[InstanceSpec]], 
         from parm.backends.ray_serve import RayServeBackend
     except ImportError as exc:
         raise ConfigError(str(exc), field="backend", value="ray") from None
-    return lambda specs: RayServeBackend(specs, address=spec.ray_address)
+    return lambda specs: RayServeBackend(specs, address=spec.ray_address, num_gpus=spec.gpus_per_instance)
 
 
 async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callable[[str, int], None] | None = None,

@@ -34,3 +34,23 @@ def test_default_threads_is_at_least_one_and_at_most_the_cpus() -> None:
     import os
 
     assert 1 <= default_threads() <= (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("command", [
+    ["train-base", "--dataset", "mnist", "--model", "mlp", "--out", "{tmp}/b"],
+    ["train-parity", "--base", "{base}", "--k", "2", "--out", "{tmp}/p"],
+    ["eval", "--base", "{base}", "--parity", "{parity}"],
+    ["serve", "--base", "{base}", "--mode", "equal", "--port", "0"],
+])
+def test_a_gpu_that_is_not_there_is_one_line(command: list[str], tmp_path: Path, tiny_checkpoints: tuple[Path, Path],
+                                           capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base, parity = tiny_checkpoints
+    args = [a.format(tmp=tmp_path, base=base, parity=parity) for a in command]
+    code = main([*args, "--device", "cuda:0", "--data-root", str(tmp_path / "no-data-here"), "--no-progress"]
+                if command[0] != "serve" else [*args, "--device", "cuda:0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device 'cuda:0': PyTorch sees no CUDA GPU" in err and "--device cpu" in err
+    assert err.count("\n") == 1 and not (tmp_path / "b").exists() and not (tmp_path / "p").exists()

@@ -35,6 +35,32 @@ def test_import_round_trip_with_renames_and_a_wrapped_state_dict(tmp_path: Path)
     assert loaded == record and record.mean == (0.0,) and record.dataset == "" and "available_top1" not in record.metrics
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated in favour of torch.export
+def test_import_takes_the_weights_of_a_torchscript_or_export_archive(tmp_path: Path) -> None:
+    """A model shipped as TorchScript (torch.jit.save) or as a torch.export program imports like a
+    state dict: its tensors go into the named architecture, which then answers as the archive does."""
+    from parm.training.importing import archive_kind
+
+    torch.manual_seed(1)
+    original = build_model("mlp", (1, 28, 28), 10).eval()
+    x = torch.randn(5, 1, 28, 28)
+    torch.jit.save(torch.jit.script(original), str(tmp_path / "model.ts.pt"))
+    torch.export.save(torch.export.export(original, (x,)), str(tmp_path / "model.pt2"))
+    torch.save(original.state_dict(), tmp_path / "state.pt")  # also a zip, but neither archive
+    assert [archive_kind(tmp_path / n) for n in ("model.ts.pt", "model.pt2", "state.pt")] == ["torchscript", "export", None]
+    with torch.inference_mode():
+        want = original(x)
+    for name in ("model.ts.pt", "model.pt2"):
+        import_model(tmp_path / f"ck-{name}", arch="mlp", weights=tmp_path / name, in_shape=(1, 28, 28),
+                     num_classes=10, mean=(0.1307,), std=(0.3081,))
+        model, _ = load_checkpoint(tmp_path / f"ck-{name}")
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), want)
+    with pytest.raises(CheckpointMismatchError, match="do not fit architecture 'lenet5'"):
+        import_model(tmp_path / "ck2", arch="lenet5", weights=tmp_path / "model.ts.pt", in_shape=(1, 28, 28),
+                     num_classes=10, mean=(0.1307,), std=(0.3081,))
+
+
 def test_import_measures_a_a_on_the_dataset_with_the_models_own_normalisation(tmp_path: Path,
                                                                                fixture_root: Path) -> None:
     from parm.data import load_dataset

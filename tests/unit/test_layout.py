@@ -19,16 +19,17 @@ ALLOWED = {
     "models": {"errors"},
     "data": {"errors"},
     "faults": {"errors"},
+    "devices": {"errors"},
     "checkpoint": {"errors", "models", "_version"},
-    "training": {"errors", "coding", "models", "data", "checkpoint"},
-    "backends": {"errors", "coding", "models", "faults", "checkpoint"},
+    "training": {"errors", "coding", "models", "data", "checkpoint", "devices"},
+    "backends": {"errors", "coding", "models", "faults", "checkpoint", "devices"},
     "serving": {"errors", "coding", "backends"},
     "http": {"errors", "serving"},
-    "system": {"errors", "backends", "checkpoint", "faults", "serving", "http"},
+    "system": {"errors", "backends", "checkpoint", "devices", "faults", "serving", "http"},
     "bench": {"errors", "backends", "checkpoint", "coding", "data", "faults", "models", "serving", "system",
               "testing"},
-    "cli": {"errors", "bench", "checkpoint", "coding", "data", "faults", "serving", "system", "training"},
-    "__init__": {"_version", "checkpoint", "coding", "data", "errors", "models", "serving", "training"},
+    "cli": {"errors", "bench", "checkpoint", "coding", "data", "devices", "faults", "serving", "system", "training"},
+    "__init__": {"_version", "checkpoint", "coding", "data", "devices", "errors", "models", "serving", "training"},
 }
 
 

@@ -61,6 +61,10 @@ class InstanceSpec:
 
     ``spare`` is a second model the instance also holds (mode coded-hedge gives parity instances
     the deployed model): work sent with ``spare=True`` runs on it instead of ``model``.
+
+    ``device`` is the torch device its models run on (``cpu``, ``cuda:N``, ``mps``; ``cuda`` on a
+    Ray replica: the GPU Ray gave it) and ``precision`` the autocast type of their forward passes
+    (:mod:`parm.devices`); answers travel as float32 whatever either is.
     """
 
     instance_id: int
@@ -70,8 +74,15 @@ class InstanceSpec:
     faults: InstanceFaults | None = None  # this instance's fault schedule (built by the system wiring)
     zone: str | None = None  # failure-domain label (node, rack, zone); None: the instance alone
     spare: ModelRef | None = None  # a second model it also runs (work sent with spare=True)
+    device: str = "cpu"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        from parm.devices import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}; got {self.precision!r}", field="precision",
+                              value=self.precision)
         if self.role not in ROLES and not re.fullmatch(r"parity[1-9][0-9]*", self.role):
             raise ConfigError(f"instance role must be one of {ROLES} or parity<i> (parity model i of r); got "
                               f"{self.role!r}", field="role", value=self.role)

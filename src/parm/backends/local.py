@@ -176,8 +176,8 @@ class LocalBackend(Backend):
             self._on_result(iid, msg[1], None, msg[2])
         elif msg[0] == "ready":
             slot.ready = True
-            log.info("instance %d (%s%s) ready, pid %d", iid, slot.spec.role,
-                     "" if slot.spec.zone is None else f", zone {slot.spec.zone}", msg[2])
+            log.info("instance %d (%s%s) ready on %s, pid %d", iid, slot.spec.role,
+                     "" if slot.spec.zone is None else f", zone {slot.spec.zone}", msg[3], msg[2])
             if self._all_ready.is_set():
                 self._on_ready(iid)
             elif all(s.ready for s in self._slots.values()) and len(self._slots) == len(self.instances):

@@ -257,13 +257,18 @@ class RayServeBackend(Backend):
     """
 
     def __init__(self, instances: list[InstanceSpec], *, address: str | None = None, num_cpus: float | None = None,
-                 request_timeout_s: float = 60.0, start_timeout_s: float = 300.0) -> None:
+                 num_gpus: float | None = None, request_timeout_s: float = 60.0,
+                 start_timeout_s: float = 300.0) -> None:
         if request_timeout_s <= 0 or start_timeout_s <= 0 or (num_cpus is not None and num_cpus < 0):
             raise ConfigError("request_timeout_s and start_timeout_s must be > 0 and num_cpus >= 0",
                               field="ray", value=(request_timeout_s, start_timeout_s, num_cpus))
+        if num_gpus is not None and not 0 <= num_gpus:
+            raise ConfigError(f"num_gpus (--gpus-per-instance) must be >= 0; got {num_gpus}", field="num_gpus",
+                              value=num_gpus)
         self.instances = list(instances)
         self.address = address
         self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
         self.request_timeout_s = request_timeout_s
         self.start_timeout_s = start_timeout_s
         self.t0_wall_s = time.time()
@@ -300,7 +305,7 @@ class RayServeBackend(Backend):
             spec = inst.spec
             deployment = serve.deployment(
                 name=f"parm-{spec.role}-{spec.instance_id}", num_replicas=1, max_ongoing_requests=MAX_ONGOING,
-                ray_actor_options={"num_cpus": self.num_cpus}, graceful_shutdown_timeout_s=1.0,
+                ray_actor_options=self.actor_options(spec), graceful_shutdown_timeout_s=1.0,
                 graceful_shutdown_wait_loop_s=0.2, health_check_period_s=2.0)(InstanceReplica)
             targets.append(RunTarget(target=deployment.bind(_portable(spec), self.t0_wall_s), name=inst.app, route_prefix=None))
         self._deployed = True
@@ -311,6 +316,15 @@ class RayServeBackend(Backend):
         await self._wait_running()
         await asyncio.gather(*(self._open_watch(inst, previous=None) for inst in self._state.values()))
         log.info("Ray Serve backend: %d instances deployed as applications parm-%s-*", len(self.instances), self.token)
+
+    def actor_options(self, spec: InstanceSpec) -> dict[str, float]:
+        """The resources a replica reserves: ``num_cpus`` each, and ``num_gpus`` (default 1; a fraction
+        lets several replicas share a GPU) for an instance whose device is a GPU. Ray then gives the
+        replica its GPU(s) as ``cuda`` (CUDA_VISIBLE_DEVICES), which is where its models run."""
+        options = {"num_cpus": float(self.num_cpus or 0.0)}
+        if spec.device.startswith("cuda"):
+            options["num_gpus"] = 1.0 if self.num_gpus is None else float(self.num_gpus)
+        return options
 
     async def _wait_running(self) -> None:
         """Until every application is RUNNING; a failed deployment raises with Serve's message."""

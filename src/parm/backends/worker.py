@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from parm.backends.base import InstanceSpec
+from parm.devices import autocast
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ class ModelRunner:
     def __init__(self, spec: InstanceSpec, t0_wall_s: float) -> None:
         torch.set_num_threads(1)
         self.spec, self.faults, self.t0_wall_s = spec, spec.faults, t0_wall_s
-        self.model = spec.model.build()
-        self.spare = None if spec.spare is None else spec.spare.build()
+        self.device = torch.device(spec.device)
+        self.model = spec.model.build().to(self.device)
+        self.spare = None if spec.spare is None else spec.spare.build().to(self.device)
         self.seq = 0
         self.set_origin(t0_wall_s)
 
@@ -61,7 +63,8 @@ class ModelRunner:
         model = self.model if not spare else self.spare
         if model is None:
             raise ValueError(f"instance {self.spec.instance_id} holds no spare model")
-        out = model(x).float().numpy()  # (B, C)
+        with autocast(self.device, self.spec.precision):
+            out = model(x.to(self.device)).float().cpu().numpy()  # (B, C); .cpu() waits for the device
         compute_s = time.perf_counter() - start
         target_s = compute_s + self.spec.emulated_ms / 1e3
         if self.faults is not None:
@@ -87,7 +90,7 @@ def _wait_for_request(conn: Channel, runner: ModelRunner) -> bool:
 def serve_forever(conn: Channel, spec: InstanceSpec, t0_wall_s: float) -> None:
     """The worker loop: load the model, say ready, answer requests until told to stop."""
     runner = ModelRunner(spec, t0_wall_s)
-    conn.send(("ready", spec.instance_id, os.getpid()))
+    conn.send(("ready", spec.instance_id, os.getpid(), str(runner.device)))
     while _wait_for_request(conn, runner):
         msg = conn.recv()
         if msg is None:

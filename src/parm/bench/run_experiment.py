@@ -113,7 +113,8 @@ def _system_specs(exp: Experiment, point: Point, modes: list[str], backend: str 
     settings.update(batch_size=point.batch_size, k=point.k, **point.settings)
     given: dict[str, Any] = dict(instances=system.get("instances"), faults=point.faults,
                                  emulated_ms=system.get("emulated_ms"), backend=backend, ray_address=ray_address,
-                                 zones=system.get("zones"))
+                                 zones=system.get("zones"), device=system.get("device"),
+                                 precision=system.get("precision"), gpus_per_instance=system.get("gpus_per_instance"))
     specs: dict[str, SystemSpec] = {}
     coded = [mode for mode in modes if mode in CODED_MODES]
     if coded:
@@ -189,6 +190,7 @@ def run_bench(exp: Experiment, out: Path, *, progress: bool = True,
         stats = {mode: _mode_stats(mode, specs[mode].role_counts(), sinks[mode], labels) for mode in modes}
         _add_intervals(stats, {mode: trial_counts(sinks[mode]) for mode in modes})
         for mode in modes:
+            stats[mode]["devices"] = specs[mode].instance_devices()  # where each instance slot ran
             if on_result:
                 on_result(point.label, mode, stats[mode])
         points_out.append({"point": point.to_json(), "modes": stats})

@@ -33,7 +33,7 @@ async def watch_stalls(frontend: Frontend) -> None:
 def health_report(frontend: Frontend) -> dict[str, Any]:
     """``ok`` while some data instance is healthy; every instance with its queue and in-flight work."""
     backend, dispatcher = frontend.backend, frontend.dispatcher
-    instances = [{"id": s.instance_id, "role": s.role, "zone": backend.zone(s.instance_id),
+    instances = [{"id": s.instance_id, "role": s.role, "zone": backend.zone(s.instance_id), "device": s.device,
                   "healthy": backend.healthy(s.instance_id),
                   "in_flight": len(dispatcher.instances[s.instance_id].in_flight), "queued": dispatcher.depth(s.role)}
                  for s in backend.instances]

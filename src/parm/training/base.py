@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from parm.checkpoint import ModelRecord, load_checkpoint, save_checkpoint
 from parm.data import ArrayDataset, load_dataset, train_val_split
+from parm.devices import check_precision, resolve_device
 from parm.models import build_model, check_arch
 from parm.training.config import OptimConfig, base_recipe
 from parm.training.loop import FitSpec, fit
@@ -51,16 +52,22 @@ def train_base(
     data_root: str | Path | None = None,
     download: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = "auto",
+    precision: str = "fp32",
 ) -> ModelRecord:
     """Train ``arch`` on ``dataset``; keep the epoch with the best validation accuracy.
 
     The validation split is ``optim.val_size`` samples of the training split (seeded). Returns
     the saved record, whose metrics hold ``val_top1`` and ``available_top1`` (test accuracy).
-    Running again with the same ``out`` resumes an interrupted run.
+    Running again with the same ``out`` resumes an interrupted run (on any device). ``device``
+    (:func:`parm.devices.resolve_device`) is where the model trains and is tested; ``precision``
+    (fp32, bf16, fp16) the autocast type of its training forward passes (evaluation: float32).
     """
     optim = optim or base_recipe()
     out = Path(out)
     check_arch(arch)  # an unknown --model fails before the dataset loads
+    where = device if isinstance(device, torch.device) else resolve_device(device)
+    check_precision(precision, where)
     train = load_dataset(dataset, "train", data_root=data_root, download=download)
     test = load_dataset(dataset, "test", data_root=data_root, download=download)
     train_idx, val_idx = train_val_split(len(train), optim.val_size, optim.seed)
@@ -77,10 +84,10 @@ def train_base(
         batches=_batches(x_tr, y_tr, optim.batch_size), loss_fn=F.cross_entropy,
         validate=lambda m: {"score": _accuracy(m, x_val, y_val)}, save_best=save_best,
         state_dir=out / "resume", fingerprint={"kind": "base", "dataset": train.name, "arch": arch},
-        best_path=out, progress=progress, desc=f"train-base {arch}/{train.name}",
+        best_path=out, progress=progress, desc=f"train-base {arch}/{train.name}", device=where, precision=precision,
     )
     result = fit(model, spec)
-    best, _ = load_checkpoint(out)
+    best, _ = load_checkpoint(out, map_location=str(where))
     metrics = {"val_top1": result.best_metrics["score"], "best_epoch": result.best_epoch + 1,
                "available_top1": _accuracy(best, test.float_images(), test.labels)}
     record = save_checkpoint(out, best, _record(train, arch, optim, metrics))

@@ -13,6 +13,7 @@ from parm.checkpoint import check_parity_matches, load_checkpoint
 from parm.coding import CodeConfig
 from parm.data.groups import fixed_groups
 from parm.data.registry import Split
+from parm.devices import resolve_device
 from parm.training.config import ParityConfig
 from parm.training.metrics import default_top1, topk_correct
 from parm.training.parity import load_coded_split, reconstruction_metrics
@@ -56,13 +57,16 @@ def evaluate(
     download: bool = False,
     cache_dir: str | Path | None = None,
     inputs: str | Path | None = None,
+    device: str | torch.device | None = "auto",
 ) -> list[EvalResult]:
     """One EvalResult per parity checkpoint; each must have been trained for ``base_dir``. With
     ``inputs`` (unlabelled inputs, :mod:`parm.data.inputs`) instead of the base's dataset, only
     ``reconstruction_top1`` (agreement of reconstructions with the deployed model) is measured;
-    the label-based fields are None and ``split`` is ``"inputs"``."""
+    the label-based fields are None and ``split`` is ``"inputs"``. Models run on ``device``
+    (:func:`parm.devices.resolve_device`), in float32."""
+    where = device if isinstance(device, torch.device) else resolve_device(device)
     _, base, _, coded = load_coded_split(base_dir, split, data_root=data_root, download=download,
-                                         cache_dir=cache_dir, inputs=inputs)
+                                         cache_dir=cache_dir, inputs=inputs, device=where)
     if coded.labels is None:
         available = default = None
         split_name = "inputs"
@@ -72,7 +76,7 @@ def evaluate(
         split_name = split
     results = []
     for parity_dir in parity_dirs:
-        model, record = load_checkpoint(parity_dir)
+        model, record = load_checkpoint(parity_dir, map_location=str(where))
         check_parity_matches(base, record)
         assert record.k is not None and record.r is not None and record.encoder is not None
         parity = ParityConfig(CodeConfig(record.k, record.r, record.encoder), record.parity_index or 0, record.arch)

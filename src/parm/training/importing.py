@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import torch
 
 from parm.checkpoint import RECORD_FILE, ModelRecord, save_checkpoint
 from parm.data import load_dataset
+from parm.devices import resolve_device
 from parm.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from parm.models import build_model
 from parm.training.metrics import topk_correct
@@ -21,13 +24,46 @@ log = logging.getLogger(__name__)
 LISTED_KEYS = 12  # keys named in a mismatch message before "... and N more"
 
 
+def archive_kind(path: str | Path) -> str | None:
+    """``"torchscript"`` for a TorchScript archive (``torch.jit.save``: compiled code and constants),
+    ``"export"`` for a ``torch.export.save`` program (``.pt2``), else None (``torch.save``'s zip of a
+    pickled object is neither)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if any(name.endswith("/archive_format") for name in names) and any("/models/" in name for name in names):
+        return "export"
+    return "torchscript" if any(name.endswith("/constants.pkl") for name in names) else None
+
+
+def _archive_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript or torch.export archive (their own loaders read
+    them; neither runs Python code from the file)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still in use
+            if kind == "torchscript":
+                tensors = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            else:
+                tensors = dict(torch.export.load(str(path)).state_dict)
+    except Exception as exc:  # both loaders raise RuntimeError subclasses of their own
+        raise CheckpointError(f"{path} looks like a {kind} archive but could not be loaded: {exc}", path=path) from exc
+    return {str(k): v.detach().clone() for k, v in tensors.items()}
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: safetensors, or a PyTorch state dict read with ``weights_only=True``
-    (never unpickling code). A dict holding the state dict under ``state_dict`` or ``model`` (as
-    many training scripts save) is unwrapped."""
+    """Tensors of a weights file: safetensors; a TorchScript (``torch.jit.save``) or ``torch.export``
+    archive (its module's parameters and buffers, read by PyTorch's own loader for it); or a
+    PyTorch state dict read with ``weights_only=True`` (never unpickling code). A dict holding the
+    state dict under ``state_dict`` or ``model`` (as many training scripts save) is unwrapped."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file {path} does not exist", field="weights", value=str(path))
+    kind = archive_kind(path)
+    if kind is not None:
+        return _archive_tensors(path, kind)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -99,6 +135,7 @@ def import_model(
     dataset: str | None = None,
     data_root: str | Path | None = None,
     download: bool = False,
+    device: str | torch.device | None = "auto",
 ) -> ModelRecord:
     """Save a base checkpoint into ``out`` for the model ``arch`` (a built-in name or a factory
     ``module.path:function(in_shape=..., num_classes=...)``) with the tensors of ``weights``.
@@ -107,7 +144,9 @@ def import_model(
     were normalised when it was trained: every later command prepares inputs with them. With
     ``dataset``, the model's test accuracy on it (A_a) is measured and recorded, and the dataset
     is recorded for ``parm train-parity`` and ``parm eval``; without it, train parity models from
-    unlabelled inputs (``parm train-parity --inputs``)."""
+    unlabelled inputs (``parm train-parity --inputs``). ``weights`` may be a TorchScript or torch.export archive of
+    the same architecture: its tensors are taken (ParM rebuilds ``arch`` in Python, as parity
+    training needs fresh copies of it). The accuracy is measured on ``device``."""
     out = Path(out)
     if (out / RECORD_FILE).exists():
         raise ConfigError(f"{out} already holds a checkpoint; choose another --out or remove it first",
@@ -135,7 +174,10 @@ def import_model(
         if test.num_classes != num_classes:
             raise ConfigError(f"{dataset} has {test.num_classes} classes but --classes is {num_classes}",
                               field="classes", value=num_classes)
-        metrics["available_top1"] = topk_correct(model_outputs(model, test.float_images()), test.labels).float().mean().item()
+        where = device if isinstance(device, torch.device) else resolve_device(device)
+        outputs = model_outputs(model.to(where), test.float_images())
+        model.to("cpu")
+        metrics["available_top1"] = topk_correct(outputs, test.labels).float().mean().item()
         log.info("imported %s: test accuracy on %s (A_a) %.4f", arch, dataset, metrics["available_top1"])
     record = ModelRecord(kind="base", arch=arch, in_shape=shape, num_classes=num_classes, dataset=dataset or "",
                          mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), metrics=metrics,

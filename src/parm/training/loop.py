@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from parm.checkpoint import load_tensors, save_tensors
+from parm.devices import autocast, grad_scaler
 from parm.errors import CheckpointMismatchError, NonFiniteLossError
 from parm.training.config import OptimConfig
 
@@ -68,6 +69,8 @@ class FitSpec:
     best_path: Path
     progress: bool = True
     desc: str = "train"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the model trains
+    precision: str = "fp32"  # the forward pass's autocast type (parm.devices); weights stay float32
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -104,8 +107,9 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
 
 class _Fitter:
     def __init__(self, model: nn.Module, spec: FitSpec) -> None:
-        self.model, self.spec = model, spec
-        self.opt = make_optimizer(model, spec.optim)
+        self.model, self.spec = model.to(spec.device), spec
+        self.opt = make_optimizer(self.model, spec.optim)
+        self.scaler = grad_scaler(spec.device, spec.precision)
         self.gen = torch.Generator().manual_seed(spec.optim.seed)
         self.total_steps = spec.optim.epochs * spec.steps_per_epoch
         self.epoch = 0
@@ -147,13 +151,18 @@ class _Fitter:
             global_step = self.epoch * self.spec.steps_per_epoch + step
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(global_step, self.total_steps, self.spec.optim.lr, self.spec.optim.schedule)
-            loss = self.spec.loss_fn(self.model(inputs), targets)
+            inputs = inputs.to(self.spec.device, non_blocking=True)
+            targets = targets.to(self.spec.device, non_blocking=True)
+            with autocast(self.spec.device, self.spec.precision):
+                outputs = self.model(inputs)
+            loss = self.spec.loss_fn(outputs.float(), targets)  # the loss in float32 whatever the precision
             value = loss.item()
             if not math.isfinite(value):
                 self._non_finite(value, step)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.scaler.scale(loss).backward()  # the scaler is a pass-through except for fp16
+            self.scaler.step(self.opt)
+            self.scaler.update()
             total, count = total + value, count + 1
         return total / max(count, 1)
 

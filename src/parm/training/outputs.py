@@ -11,15 +11,19 @@ from torch import nn
 
 from parm.data import ArrayDataset
 from parm.data.cache import OutputCache, resolve_cache_dir
+from parm.devices import module_device
 
 log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
 def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    """images (N, *S) -> raw outputs (N, C), in eval mode, chunk by chunk."""
+    """images (N, *S) -> raw outputs (N, C) as float32 on the CPU, in eval mode, chunk by chunk on the
+    model's own device (each chunk is moved there and its outputs back)."""
     model.eval()
-    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    device = module_device(model)
+    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
 
 
 def inputs_digest(inputs: torch.Tensor) -> str:
@@ -30,7 +34,8 @@ def inputs_digest(inputs: torch.Tensor) -> str:
 def cached_input_outputs(model: nn.Module, weights_sha256: str, inputs: torch.Tensor, digest: str,
                          cache_dir: str | Path | None = None) -> torch.Tensor:
     """Outputs (N, C) of the model with hash ``weights_sha256`` on unlabelled ``inputs`` (N, *S)
-    whose :func:`inputs_digest` is ``digest``; computed once."""
+    whose :func:`inputs_digest` is ``digest``; computed once (on the model's device; the cache does
+    not tell devices apart: their outputs differ by float rounding only)."""
     cache = OutputCache(resolve_cache_dir(cache_dir))
     key = f"{weights_sha256[:24]}-inputs-{digest[:24]}-{len(inputs)}"
     outputs = cache.get(key)

@@ -35,6 +35,7 @@ from parm.data import ArrayDataset, load_dataset, train_val_split
 from parm.data.groups import fixed_groups, sample_groups
 from parm.data.inputs import load_inputs
 from parm.data.registry import Split
+from parm.devices import check_precision, module_device, resolve_device
 from parm.errors import CheckpointError, ConfigError
 from parm.models import build_model
 from parm.training.config import OptimConfig, ParityConfig
@@ -94,10 +95,11 @@ def reconstruction_metrics(
 ) -> dict[str, float]:
     """Degraded-mode metrics over every group (G, k) of ``data`` and every erased position."""
     model.eval()
+    device = module_device(model)
     parity_out = torch.cat([
-        model(parity_inputs(parity, data.images[groups[i:i + batch_groups]]))
+        model(parity_inputs(parity, data.images[groups[i:i + batch_groups]]).to(device)).float().cpu()
         for i in range(0, len(groups), batch_groups)
-    ])  # (G, C)
+    ])  # (G, C), on the CPU whatever the model's device
     base_out = data.outputs[groups]  # (G, k, C)
     recon = reconstruct_each(parity.code, base_out, parity_out, parity.parity_index)  # (G, k, C)
     return degraded_metrics(recon, base_out, None if data.labels is None else data.labels[groups])
@@ -141,11 +143,13 @@ def _desc(parity: ParityConfig) -> str:
 
 def load_coded_split(
     base_dir: str | Path, split: Split, *, data_root: str | Path | None = None, download: bool = False,
-    cache_dir: str | Path | None = None, inputs: str | Path | None = None,
+    cache_dir: str | Path | None = None, inputs: str | Path | None = None, device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, ModelRecord, ArrayDataset | None, CodedData]:
-    """Base model, its record, and a split of its dataset with cached base outputs — or, with
-    ``inputs`` (:func:`parm.data.load_inputs`), those unlabelled inputs instead (no dataset)."""
+    """Base model (on ``device``, default the CPU), its record, and a split of its dataset with cached
+    base outputs — or, with ``inputs`` (:func:`parm.data.load_inputs`), those unlabelled inputs
+    instead (no dataset). Inputs and outputs stay on the CPU."""
     base_model, base = load_checkpoint(base_dir)
+    base_model = base_model.to(device or "cpu")
     if inputs is not None:
         images = load_inputs(inputs, base.in_shape, base.mean, base.std)  # (N, *S)
         outputs = cached_input_outputs(base_model, base.weights_sha256, images, inputs_digest(images), cache_dir)
@@ -171,18 +175,27 @@ def train_parity(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     inputs: str | Path | None = None,
+    device: str | torch.device | None = "auto",
+    precision: str = "fp32",
 ) -> ModelRecord:
     """Train the parity model for the base checkpoint at ``base_dir``; save the best epoch to ``out``.
     With ``inputs`` (unlabelled inputs of the deployed model, :mod:`parm.data.inputs`) it trains on
     those instead of the base's dataset, holding back ``optim.val_size`` of them (at most a fifth)
     for validation; labels are never needed, validation scores agreement with the deployed model.
 
+    ``device`` (:func:`parm.devices.resolve_device`: auto, cpu, cuda, cuda:N, mps) is where the base
+    outputs are computed and the parity model trains; ``precision`` (fp32, bf16, fp16) the autocast
+    type of its forward passes in training (validation runs in float32). Neither is part of the
+    run's identity: a run interrupted on one device resumes on another.
+
     Returns the saved record; its metrics hold the validation metrics of the best epoch.
     Running again with the same ``out`` and configuration resumes an interrupted run.
     """
     out = Path(out)
+    where = device if isinstance(device, torch.device) else resolve_device(device)
+    check_precision(precision, where)
     base_model, base, _, full = load_coded_split(base_dir, "train", data_root=data_root, download=download,
-                                                 cache_dir=cache_dir, inputs=inputs)
+                                                 cache_dir=cache_dir, inputs=inputs, device=where)
     base_optim = base.config.get("optim", {})
     val_size = base_optim.get("val_size", optim.val_size)
     digest = None
@@ -212,7 +225,7 @@ def train_parity(
         optim=optim, steps_per_epoch=math.ceil((len(train.images) // parity.code.k) / optim.batch_size),
         batches=_batches(parity, train, optim.batch_size), loss_fn=F.mse_loss, validate=validate,
         save_best=save_best, state_dir=out / RESUME_DIR, fingerprint=_fingerprint(parity, base, digest),
-        best_path=out, progress=progress, desc=_desc(parity),
+        best_path=out, progress=progress, desc=_desc(parity), device=where, precision=precision,
     )
     result = fit(model, spec)
     log.info("%s: best epoch %d, val reconstruction accuracy %.4f",
@@ -247,6 +260,8 @@ def train_parities(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     inputs: str | Path | None = None,
+    device: str | torch.device | None = "auto",
+    precision: str = "fp32",
 ) -> list[ModelRecord]:
     """Train all ``code.r`` parity models for the base checkpoint at ``base_dir``, one after another
     (:func:`train_parity` each, one progress bar each); returns their records by parity index.
@@ -255,9 +270,12 @@ def train_parities(
     ordinary parity checkpoint with r=code.r and parity_index=i. Pass ``out`` to
     :func:`parm.checkpoint.load_parity_set`. Running again resumes per model: an index whose run
     finished every epoch with this configuration (and whose record fits) is skipped without loading
-    any data; an interrupted one continues after its last finished epoch.
+    any data; an interrupted one continues after its last finished epoch. ``device`` and
+    ``precision`` as in :func:`train_parity`.
     """
     base = load_record(base_dir)
+    where = device if isinstance(device, torch.device) else resolve_device(device)
+    check_precision(precision, where)
     records = []
     for i, folder in enumerate(parity_set_dirs(out, code.r)):
         parity = ParityConfig(code=code, parity_index=i, arch=arch, init=init)
@@ -266,6 +284,7 @@ def train_parities(
             log.info("%s: already trained in %s, skipped", _desc(parity), folder)
         else:
             record = train_parity(base_dir, folder, parity, optim, recipe=recipe, data_root=data_root,
-                                  download=download, cache_dir=cache_dir, progress=progress, inputs=inputs)
+                                  download=download, cache_dir=cache_dir, progress=progress, inputs=inputs,
+                                  device=where, precision=precision)
         records.append(record)
     return records
