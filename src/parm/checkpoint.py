@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from parm._version import __version__
+from parm.coding.envelope import InputEnvelope
 from parm.errors import CheckpointError, CheckpointMismatchError
 from parm.models import build_model
 
@@ -235,6 +236,44 @@ def check_parity_matches(base: ModelRecord, parity: ModelRecord, **expected: Any
                 f"parity checkpoint has {name}={getattr(parity, name)!r} but {name}={want!r} was asked for",
                 field=name, expected=want, got=getattr(parity, name),
             )
+
+
+ENVELOPE_FILE = "envelope.safetensors"  # a parity checkpoint's input envelope (parm.coding.envelope)
+
+
+def save_envelope(directory: str | Path, envelope: InputEnvelope) -> Path:
+    """Write the input envelope of a parity checkpoint's training inputs into ``directory``
+    (atomically: a reader sees the old file or the new one, never half of one)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{ENVELOPE_FILE}.{os.getpid()}.tmp"
+    save_file({"lo": envelope.lo.contiguous().cpu(), "hi": envelope.hi.contiguous().cpu()}, str(tmp),
+              metadata={"max_norm": repr(envelope.max_norm), "margin": repr(envelope.margin)})
+    os.replace(tmp, directory / ENVELOPE_FILE)
+    return directory / ENVELOPE_FILE
+
+
+def load_envelope(directory: str | Path, in_shape: tuple[int, ...] | None = None) -> InputEnvelope | None:
+    """The input envelope saved in a parity checkpoint folder, or None when it has none (trained
+    before envelopes existed). A damaged file, or one whose shape is not ``in_shape``, is a
+    CheckpointError."""
+    path = Path(directory) / ENVELOPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            lo, hi = fh.get_tensor("lo"), fh.get_tensor("hi")
+        envelope = InputEnvelope(lo, hi, float(meta["max_norm"]), float(meta["margin"]))
+    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable input envelope ({exc}); retrain the parity model or "
+                              f"delete the file to serve without one", path=path) from exc
+    if in_shape is not None and envelope.shape != tuple(in_shape):
+        raise CheckpointError(f"{path} has shape {list(envelope.shape)}, not the model's input shape {list(in_shape)}",
+                              path=path)
+    return envelope
 
 
 def parity_set_dirs(directory: str | Path, r: int) -> list[Path]:

@@ -172,7 +172,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_system_args(p, serve=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
+    from parm.http import HttpLimits
+
+    http_default = HttpLimits()
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help=f"largest request body (default {http_default.max_body_bytes >> 20} MiB)")
+    p.add_argument("--header-timeout", type=float, default=None, metavar="S",
+                   help=f"a request's headers must arrive within S seconds, else the connection is closed "
+                        f"(default {http_default.header_timeout_s:g})")
+    p.add_argument("--body-timeout", type=float, default=None, metavar="S",
+                   help=f"a body that stalls S seconds gets 408 (default {http_default.body_timeout_s:g})")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help=f"open connections beyond this get 503 at once (default {http_default.max_connections})")
     p.add_argument("--record-inputs", type=Path, default=None, metavar="DIR",
                    help="write a sample of served inputs to DIR (rotating .npy files) for train-parity --inputs")
     p.add_argument("--record-fraction", type=float, default=0.01, help="share of inputs recorded (default 0.01)")
@@ -283,6 +294,9 @@ _SERVING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--reconstruct-percentile", "reconstruct_percentile", float,
      "coded modes: accept a reconstruction only once its batch is older than this percentile of recent original "
      "answer times, or its instance failed (default: {}, i.e. as soon as the group decodes)"),
+    ("--input-envelope", "input_envelope", str,
+     "coded modes: a query outside the parity model's input envelope is served uncoded (outside every coding "
+     "group), refused with 422 (reject), or coded anyway (off) (default: {})"),
 )
 
 
@@ -290,7 +304,7 @@ def _add_system_args(p: argparse.ArgumentParser, *, serve: bool) -> None:
     """The system's options; every one defaults to None (not given), so that the defaults stay in
     ServingConfig and SystemSpec (``parm serve``) or the demo experiment (``parm demo``)."""
     from parm.serving import ServingConfig
-    from parm.serving.config import DISPATCH, MODES
+    from parm.serving.config import DISPATCH, ENVELOPE_ACTIONS, MODES
     from parm.system import SystemSpec
 
     def spec_default(name: str) -> str:
@@ -306,8 +320,9 @@ def _add_system_args(p: argparse.ArgumentParser, *, serve: bool) -> None:
         p.add_argument("--mode", default=None,
                        help=f"{', '.join(MODES)} (default: {ServingConfig.default('mode')})")
     for flag, name, kind, text in _SERVING_FLAGS:
-        p.add_argument(flag, dest=name, type=kind, default=None, choices=DISPATCH if name == "dispatch" else None,
-                       metavar=None if name == "dispatch" else flag[2:].replace("-", "_").upper(),
+        choices = {"dispatch": DISPATCH, "input_envelope": ENVELOPE_ACTIONS}.get(name)
+        p.add_argument(flag, dest=name, type=kind, default=None, choices=choices,
+                       metavar=None if choices else flag[2:].replace("-", "_").upper(),
                        help=text.format(ServingConfig.default(name)))
     p.add_argument("--faults", default=None, help="fault spec, or @FILE.toml (see below); '' for none (default: "
                    + ("none)" if serve else "the demo experiment's)"))
@@ -371,6 +386,13 @@ def _serve(args: argparse.Namespace) -> int:
         from parm.serving.recorder import RecordSpec
 
         record = RecordSpec(args.record_inputs, fraction=args.record_fraction, max_bytes=args.record_max_bytes)
+    from parm.http import HttpLimits
+
+    given = {name: value for name, value in (("max_body_bytes", args.max_body_bytes),
+                                             ("header_timeout_s", args.header_timeout),
+                                             ("body_timeout_s", args.body_timeout),
+                                             ("max_connections", args.max_connections)) if value is not None}
+    limits = HttpLimits(**given)
     _check_bind(args.host, args.port)  # in seconds, before any instance is started
 
     async def main() -> None:
@@ -378,7 +400,7 @@ def _serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_server(spec, args.host, args.port, stop=stop, max_body_bytes=args.max_body_bytes, record=record,
+        await run_server(spec, args.host, args.port, stop=stop, limits=limits, record=record,
                          on_ready=lambda host, port: print(f"ready http://{host}:{port}", flush=True))
 
     try:

@@ -127,6 +127,17 @@ class OverloadedError(ServingError):
         self.status = status
 
 
+class ModelFailedError(ServingError):
+    """The model could not answer this query: it raised (``status`` 500, ``kind`` ``model_error``), or
+    its scores were not finite (422, ``non_finite_output``: the query's values are far outside what
+    the model was trained on)."""
+
+    def __init__(self, message: str, *, status: int = 500, kind: str = "model_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
 class DeadlineExceededError(ServingError):
     """No answer (original, reconstructed or retried) arrived within the query's deadline."""
 

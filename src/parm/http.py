@@ -3,7 +3,7 @@
 Routes::
 
     POST /v1/predict   {"inputs": X} -> 200 {"outputs": [{"class", "scores", "source", "latency_ms"}, ...]}
-    GET  /healthz      service.health() as JSON; 200 when its 'ok' is true, else 503
+    GET  /healthz      service.health() as JSON; 200 while it is 'serving' (all up, or degraded), else 503
     GET  /metrics      Prometheus text format of the frontend's registry
 
 ``X`` is a list of queries (each a flat list of prod(query_shape) numbers or a nested list of exactly
@@ -17,6 +17,7 @@ BadQueryError              its status (400 malformed JSON, 422 everything else)
 body over max_body_bytes   413 (checked from Content-Length and while reading)
 OverloadedError            its status (429 or 503) with ``Retry-After: 1``
 DeadlineExceededError      504
+ModelFailedError           its status: 422 for non-finite scores (the query's values), 500 when the model raised
 anything else              500 with a generic message; the traceback is logged
 unknown path / method      404 / 405 (with ``Allow``)
 =========================  ======================================================
@@ -36,6 +37,7 @@ import inspect
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from parm.errors import BadQueryError, ConfigError, DeadlineExceededError, OverloadedError
+from parm.errors import BadQueryError, ConfigError, DeadlineExceededError, ModelFailedError, OverloadedError
 from parm.serving.metrics import ServingMetrics
 from parm.serving.recorder import InputRecorder
 from parm.serving.types import PredictService
@@ -57,6 +59,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+MAX_HEADER_BYTES = 64 * 1024  # a request line and headers larger than this get 431 and the connection closes
 _OFFLOAD_BODY_BYTES = 256 * 1024  # parse bodies larger than this in a thread, off the shared event loop
 _BASE64_KEYS = frozenset({"data", "shape"})
 
@@ -70,13 +73,21 @@ class HttpLimits:
 
     max_body_bytes: int = 8 * 1024 * 1024
     max_queries_per_request: int = 1024
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris), else the connection closes
+    body_timeout_s: float = 30.0  # longest wait for the next piece of a body, else 408 and close
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1000  # beyond this many open connections, new requests get 503 and are closed
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_queries_per_request"):
+        for name in ("max_body_bytes", "max_queries_per_request", "max_connections"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"HttpLimits.{name} must be a positive integer; got {value!r}",
                                   field=name, value=value)
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"HttpLimits.{name} must be > 0; got {getattr(self, name)!r}", field=name,
+                                  value=getattr(self, name))
 
 
 # -------------------------------------------------------------------------------------------- parsing
@@ -331,7 +342,7 @@ _RETRY_AFTER = (b"retry-after", b"1")
 _CLOSE = (b"connection", b"close")
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False)  # NaN is not JSON: never sent
 
 
 def _dumps(obj: Any) -> bytes:
@@ -399,12 +410,19 @@ class _App:
             return exc.status, _JSON_HEADERS + [_RETRY_AFTER], _error_body("overloaded", str(exc), limit=exc.limit)
         if isinstance(exc, DeadlineExceededError):
             return 504, _JSON_HEADERS, _error_body("deadline_exceeded", str(exc), deadline_s=exc.deadline_s)
+        if isinstance(exc, ModelFailedError):
+            return exc.status, _JSON_HEADERS, _error_body(exc.kind, str(exc))
         logger.error("unhandled error serving %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
         return 500, _JSON_HEADERS, _error_body("internal", "internal server error; the server logged the details")
 
     # ------------------------------------------------------------------------------------- routes
 
     async def _predict(self, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
+        overloaded = getattr(self._service, "overloaded", None)
+        if overloaded is not None and overloaded():  # full: shed before reading or parsing the body (cheap)
+            self._rejected_overload.inc()
+            raise _HttpError(429, "overloaded", "the server holds as many pending queries as it may; retry later",
+                             [_RETRY_AFTER, _CLOSE])
         body = await self._read_body(scope, receive)
         n = 1
         try:
@@ -433,7 +451,7 @@ class _App:
         health = self._service.health()
         if inspect.isawaitable(health):
             health = await health
-        return (200 if health.get("ok") else 503), _JSON_HEADERS, _dumps(health)
+        return (200 if health.get("serving", health.get("ok")) else 503), _JSON_HEADERS, _dumps(health)
 
     async def _metrics_text(self, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
         return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(self._metrics.registry)
@@ -448,7 +466,11 @@ class _App:
             raise self._too_large(f"Content-Length {declared}")
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self._limits.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise _HttpError(408, "body_timeout", f"the request body stalled for {self._limits.body_timeout_s:g} s "
+                                 "before it was complete", [_CLOSE]) from None
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             chunk = message.get("body", b"")
@@ -514,6 +536,165 @@ def _uvicorn() -> Any:
 
 
 @functools.cache
+def _guarded(base: type) -> type:
+    """uvicorn's HTTP protocol ``base`` with a header deadline: a connection must complete each
+    request's headers within ``header_timeout_s`` of its first byte (or of the connection opening),
+    else it is closed. uvicorn itself waits forever for a half-sent request (slowloris)."""
+
+    class Guarded(base):
+        header_timeout_s = 10.0
+        max_connections = 1000
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > self.max_connections:  # refuse before parsing anything
+                self._parm_timer = None
+                self._parm_cycle = None
+                _CONNECTION_LOG.refused()
+                transport.write(_raw_response(503, "too_many_connections", f"more than {self.max_connections} "
+                                              "open connections; retry later", retry_after=True))
+                transport.close()
+                return
+            self._parm_arm()
+
+        def send_400_response(self, msg: str) -> None:  # uvicorn's is text/plain: every body here is JSON
+            self.transport.write(_raw_response(400, "bad_request", f"{msg} (malformed HTTP: framing, headers or "
+                                               "chunk encoding)"))
+            self.transport.close()
+
+        def _parm_arm(self) -> None:
+            self._parm_cycle = self.cycle
+            self._parm_head_bytes = 0
+            self._parm_tail = b""
+            self._parm_timer = self.loop.call_later(self.header_timeout_s, self._parm_expired)
+
+        def _parm_expired(self) -> None:
+            self._parm_timer = None
+            if self.cycle is self._parm_cycle and not self.transport.is_closing():  # no new request began
+                logger.debug("closing a connection whose request headers did not arrive within %.0f s",
+                             self.header_timeout_s)
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            waiting = self.cycle is self._parm_cycle and (self.cycle is None or self.cycle.response_complete)
+            if waiting:  # these bytes start with the rest of a request line and headers not yet complete
+                seen = getattr(self, "_parm_head_bytes", 0)
+                room = MAX_HEADER_BYTES - seen
+                tail = getattr(self, "_parm_tail", b"")
+                ends = (tail + data[:max(room, 0) + 4]).find(b"\r\n\r\n")  # the headers end within the limit
+                self._parm_head_bytes = seen + len(data)
+                self._parm_tail = data[-3:]
+                if ends < 0 and self._parm_head_bytes > MAX_HEADER_BYTES:
+                    self.transport.write(_raw_response(431, "headers_too_large", f"the request line and headers "
+                                                       f"exceed {MAX_HEADER_BYTES} bytes"))
+                    self.transport.close()
+                    return
+            super().data_received(data)
+            timer = getattr(self, "_parm_timer", None)
+            if self.cycle is not self._parm_cycle:  # headers complete: the app has the request
+                if timer is not None:
+                    timer.cancel()
+                    self._parm_timer = None
+                self._parm_cycle = self.cycle
+            elif timer is None and not self.transport.is_closing() and (
+                    self.cycle is None or self.cycle.response_complete):  # bytes of a new request: its deadline starts
+                self._parm_arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            timer = getattr(self, "_parm_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
+    return Guarded
+
+
+def _raw_response(status: int, type_: str, message: str, *, retry_after: bool = False) -> bytes:
+    """A whole HTTP/1.1 response with a JSON error body that closes the connection (written to a
+    transport directly, outside any ASGI cycle)."""
+    body = _error_body(type_, message)
+    reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}[status]
+    return b"".join([b"HTTP/1.1 %d " % status, reason, b"\r\ncontent-type: application/json\r\n",
+                     b"retry-after: 1\r\n" if retry_after else b"", b"content-length: %d\r\n" % len(body),
+                     b"connection: close\r\n\r\n", body])
+
+
+class _RefusalLog:
+    """Connections refused over the limit: one warning per 10 s with a count, not one per connection."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s, self.last_s, self.count = every_s, -math.inf, 0
+
+    def refused(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last_s >= self.every_s:
+            logger.warning("refused %d connection(s) over the connection limit (503) in the last %.0f s", self.count,
+                           min(now - self.last_s, self.every_s))
+            self.last_s, self.count = now, 0
+
+
+_CONNECTION_LOG = _RefusalLog()
+
+
+class _OncePer(logging.Filter):
+    """A logging filter letting each distinct message through at most once per ``every_s`` (uvicorn
+    logs a warning per malformed request: an attacker must not be able to fill the disk)."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.name}:{record.msg}"[:120]
+        now = time.monotonic()
+        if now - self._last.get(key, -math.inf) < self.every_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+def _http_protocol(header_timeout_s: float, max_connections: int) -> type:
+    """The fastest HTTP protocol uvicorn has here (httptools, else h11), with the header deadline
+    and the connection limit."""
+    base: type
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = HttpToolsProtocol
+    except ImportError:  # httptools not installed
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        base = H11Protocol
+    guarded = _guarded(base)
+    return type(guarded.__name__, (guarded,), {"header_timeout_s": header_timeout_s,
+                                               "max_connections": max_connections})
+
+
+class _RateLimitedLog:
+    """The event loop's exception handler, but repeated messages (``accept()`` failing for want of
+    file descriptors, thousands of times a second) are logged once per ``every_s`` with a count."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        key = str(context.get("message", ""))[:80]
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-math.inf, 0))
+        if now - last < self.every_s:
+            self._last[key] = (last, suppressed + 1)
+            return
+        self._last[key] = (now, 0)
+        exc = context.get("exception")
+        logger.error("%s%s%s", key, f": {exc!r}" if exc else "",
+                     f" ({suppressed} more like it in the last {self.every_s:.0f} s)" if suppressed else "")
+
+
+@functools.cache
 def _server_class() -> type:
     server_base: Any = _uvicorn().Server
 
@@ -540,15 +721,29 @@ def _server_class() -> type:
 
 async def serve_http(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, *,
                      on_ready: Callable[[str, int], None] | None = None,
-                     stop: asyncio.Event | None = None) -> None:
+                     stop: asyncio.Event | None = None, limits: HttpLimits = HttpLimits()) -> None:
     """Serve ``app`` with uvicorn in the current event loop until ``stop`` is set (or a signal arrives).
 
     Port 0 picks a free port; ``on_ready(host, port)`` receives the bound one. uvicorn's logging
     configuration is left alone (its loggers propagate to the application's handlers). A port that
     cannot be bound raises that OSError; a failed lifespan startup raises RuntimeError.
+
+    Connections (``limits``): headers must arrive within ``header_timeout_s``, an idle keep-alive
+    connection closes after ``keep_alive_s``, a connection past ``max_connections`` open ones gets a
+    503 and is closed before anything is parsed; uvicorn's own 400s get JSON bodies and its
+    warnings are logged once per 10 s each;
+    the process's open-file limit is raised to its hard limit, and the event loop's errors (such as
+    ``accept()`` failing when descriptors run out anyway) are logged at most once per 10 s each.
     """
+    _raise_open_files_limit()
+    asyncio.get_running_loop().set_exception_handler(_RateLimitedLog())
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _OncePer) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_OncePer())
     config = _uvicorn().Config(app, host=host, port=port, log_level="warning", access_log=False,
-                               lifespan="on", log_config=None, interface="asgi3")
+                               lifespan="on", log_config=None, interface="asgi3",
+                               http=_http_protocol(limits.header_timeout_s, limits.max_connections),
+                               timeout_keep_alive=limits.keep_alive_s)
     server = _server_class()(config, on_ready)
     watcher = asyncio.create_task(_exit_when_set(stop, server)) if stop is not None else None
     try:
@@ -562,6 +757,19 @@ async def serve_http(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, *,
             watcher.cancel()
     if server.ready_error is not None:
         raise server.ready_error
+
+
+def _raise_open_files_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit (often 1,024 of 1M): every
+    connection and every instance's pipe takes descriptors."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep the limit
+        pass
 
 
 async def _exit_when_set(stop: asyncio.Event, server: Any) -> None:

@@ -17,13 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.backends.base import Backend
-from parm.checkpoint import ModelRecord, check_parity_matches, load_parity_set, load_record
+from parm.checkpoint import (
+    ModelRecord,
+    check_parity_matches,
+    load_checkpoint,
+    load_envelope,
+    load_parity_set,
+    load_record,
+)
+from parm.coding import InputEnvelope
 from parm.devices import describe
 from parm.errors import CheckpointMismatchError, ConfigError
 from parm.faults import DEFAULT_HORIZON_S, FaultSpec, instance_schedules
 from parm.serving import CODED_MODES, Frontend, ServingConfig, ServingMetrics, instance_roles, parity_role
 
 if TYPE_CHECKING:
+    from parm.http import HttpLimits
     from parm.serving.recorder import RecordSpec
 
 log = logging.getLogger(__name__)
@@ -250,8 +259,34 @@ def with_faults(specs: list[InstanceSpec], faults: FaultSpec | None,
 def build_system(spec: SystemSpec, *, backend_factory: Callable[[list[InstanceSpec]], Backend] | None = None,
                  metrics: ServingMetrics | None = None) -> Frontend:
     """A frontend (not started) over a backend running the spec's instances."""
-    backend = (backend_factory or default_backend_factory(spec))(instance_specs(spec))
-    return Frontend(spec.serving, backend, metrics=metrics)
+    specs = instance_specs(spec)
+    check_checkpoints(specs)
+    backend = (backend_factory or default_backend_factory(spec))(specs)
+    return Frontend(spec.serving, backend, metrics=metrics, envelope=system_envelope(spec))
+
+
+def check_checkpoints(specs: Sequence[InstanceSpec]) -> None:
+    """Load every checkpoint the instances will run (record, weights hash, architecture) once,
+    here, so that a broken one fails in seconds with one CheckpointError instead of a worker that
+    dies at every restart."""
+    folders = {ref.checkpoint for s in specs for ref in (s.model, s.spare) if ref is not None and ref.checkpoint}
+    for folder in sorted(folders):
+        load_checkpoint(folder)
+
+
+def system_envelope(spec: SystemSpec) -> InputEnvelope | None:
+    """The input envelope the frontend codes queries within: the first parity checkpoint's, in coded
+    modes (None, with a warning, for a checkpoint trained before envelopes; None when
+    ``input_envelope`` is ``off``)."""
+    if spec.parity is None or spec.serving.mode not in CODED_MODES or spec.serving.input_envelope == "off":
+        return None
+    folder = load_parity_set(spec.parity)[0][0]
+    envelope = load_envelope(folder, spec.serving.query_shape)
+    if envelope is None:
+        log.warning("%s has no input envelope (it was trained before ParM wrote one): every query is coded, so one "
+                    "client's out-of-range inputs can spoil others' reconstructions; run the same parm train-parity "
+                    "command again to add it", folder)
+    return envelope
 
 
 def default_backend_factory(spec: SystemSpec) -> Callable[[list[InstanceSpec]], Backend]:
@@ -266,20 +301,20 @@ def default_backend_factory(spec: SystemSpec) -> Callable[[list[InstanceSpec]], 
 
 
 async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callable[[str, int], None] | None = None,
-                     stop: asyncio.Event | None = None, max_body_bytes: int | None = None,
+                     stop: asyncio.Event | None = None, limits: HttpLimits | None = None,
                      record: RecordSpec | None = None) -> None:
     """Start the system and its HTTP API; serve until ``stop`` is set; then shut everything down.
     With ``record``, a sample of served inputs is written to files (:mod:`parm.serving.recorder`)."""
-    from parm.http import HttpLimits, make_app, serve_http
+    from parm.http import make_app, serve_http
     from parm.serving.recorder import InputRecorder
 
     frontend = build_system(spec)
     await frontend.start()  # stops what it started if it fails
     recorder = InputRecorder(record) if record is not None else None
     try:
-        limits = HttpLimits() if max_body_bytes is None else HttpLimits(max_body_bytes=max_body_bytes)
+        limits = limits or HttpLimits()
         app = make_app(frontend, frontend.metrics, limits, recorder=recorder)
-        await serve_http(app, host, port, on_ready=on_ready, stop=stop)
+        await serve_http(app, host, port, on_ready=on_ready, stop=stop, limits=limits)
     finally:
         if recorder is not None:
             recorder.close()

@@ -12,6 +12,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,9 +67,23 @@ class Running:
 
 @pytest.fixture(scope="module")
 def server():
+    yield from _serving(HttpLimits(max_body_bytes=MAX_BODY_BYTES, max_queries_per_request=64))
+
+
+TIGHT = HttpLimits(max_body_bytes=MAX_BODY_BYTES, header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=1.0,
+                   max_connections=8)
+
+
+@pytest.fixture(scope="module")
+def tight_server():
+    """A server with 1 s header, body and keep-alive timeouts and at most 8 connections."""
+    yield from _serving(TIGHT)
+
+
+def _serving(limits: HttpLimits):
     metrics = ServingMetrics()
     service = FakeService(metrics)
-    app = make_app(service, metrics, HttpLimits(max_body_bytes=MAX_BODY_BYTES, max_queries_per_request=64))
+    app = make_app(service, metrics, limits)
     ready = threading.Event()
     box: dict = {}
 
@@ -78,7 +93,7 @@ def server():
 
     async def main() -> None:
         box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        await serve_http(app, HOST, 0, on_ready=on_ready, stop=box["stop"])
+        await serve_http(app, HOST, 0, on_ready=on_ready, stop=box["stop"], limits=limits)
 
     def run() -> None:
         try:
@@ -277,3 +292,82 @@ def test_on_ready_error_is_raised_after_shutdown() -> None:
         raise ValueError(f"cannot publish {host}:{port}")
     with pytest.raises(ValueError, match="cannot publish 127.0.0.1:"):
         asyncio.run(asyncio.wait_for(serve_http(app, HOST, 0, on_ready=on_ready), 30))
+
+
+# ---- connections that never finish ----------------------------------------------------------------
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` (reads EOF, possibly after a response) within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_half_sent_headers_are_dropped_after_the_header_timeout(tight_server) -> None:
+    """slowloris: a request line and one header, then nothing. Closed after header_timeout_s (1 s)."""
+    socks = [socket.create_connection((HOST, tight_server.port)) for _ in range(5)]
+    try:
+        for sock in socks:
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
+        assert all(_closed_within(sock, 4.0) for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert post(tight_server.port, [Q0])[0] == 200
+
+
+def test_a_connection_that_sends_nothing_is_dropped(tight_server) -> None:
+    with socket.create_connection((HOST, tight_server.port)) as sock:
+        assert _closed_within(sock, 4.0)
+
+
+def test_a_stalled_body_gets_408_and_the_connection_closes(tight_server) -> None:
+    with socket.create_connection((HOST, tight_server.port)) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"inputs\": [")
+        sock.settimeout(5.0)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b"connection: close" in reply.lower()
+        assert _closed_within(sock, 4.0)
+
+
+def test_an_idle_keep_alive_connection_is_closed(tight_server) -> None:
+    conn = http.client.HTTPConnection(HOST, tight_server.port, timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()
+        assert _closed_within(conn.sock, 4.0)
+    finally:
+        conn.close()
+
+
+def test_both_transfer_encoding_and_content_length_is_refused_and_closed(tight_server) -> None:
+    """Request smuggling: a request with both framings is a 400 and the connection is closed."""
+    with socket.create_connection((HOST, tight_server.port)) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        sock.settimeout(5.0)
+        reply = sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+        assert _closed_within(sock, 4.0)
+
+
+def test_connections_past_the_limit_get_503_and_the_server_recovers(tight_server) -> None:
+    idle = [socket.create_connection((HOST, tight_server.port)) for _ in range(TIGHT.max_connections)]
+    try:
+        status, _, _ = request(tight_server.port, "GET", "/healthz")
+        assert status == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while request(tight_server.port, "GET", "/healthz")[0] != 200:
+        assert time.monotonic() < deadline, "the server did not recover after the idle connections closed"
+        time.sleep(0.05)

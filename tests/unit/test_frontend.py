@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from fakes import FakeBackend, specs_for
-from parm.errors import BadQueryError, ConfigError, DeadlineExceededError, OverloadedError, ServingError
+from parm.errors import (
+    BadQueryError,
+    ConfigError,
+    DeadlineExceededError,
+    ModelFailedError,
+    OverloadedError,
+    ServingError,
+)
 from parm.models.toy import linear
 from parm.serving.config import CODED_MODES, MODES, ServingConfig, instance_roles
 from parm.serving.frontend import Frontend
@@ -522,6 +529,23 @@ def test_overload_refuses_with_429_and_counts_the_refusal() -> None:
     assert all(isinstance(e, ServingError) for e in refused_later)  # failed by stop(), not hung
 
 
+def test_a_full_frontend_says_so_and_a_request_that_could_never_fit_is_413() -> None:
+    frontend, backend = build("none", m=1, max_pending_queries=3)
+
+    async def main():
+        async with serving(frontend):
+            backend.stall(0, persist=True)
+            assert not frontend.overloaded()
+            with pytest.raises(BadQueryError, match="holds 4 queries but the server keeps at most") as caught:
+                await frontend.predict(queries(4, seed=61))
+            assert caught.value.status == 413 and frontend.pending_queries() == 0
+            accepted = [frontend.submit(q) for q in queries(3, seed=62)]
+            assert frontend.overloaded()  # the HTTP edge sheds before reading the next body
+        return await answers(accepted)
+
+    run(main())
+
+
 def test_bad_query_shape_is_refused() -> None:
     frontend, backend = build("none", m=1)
 
@@ -557,7 +581,7 @@ def test_a_model_error_fails_only_its_batch_and_serving_goes_on(mode: str) -> No
         assert count(frontend, Source.ERROR) == 0 and count(frontend) == 6
         return
     for err in results[:2]:
-        assert type(err) is ServingError and "model failed" in str(err)
+        assert type(err) is ModelFailedError and err.status == 500 and "model failed" in str(err)
     assert_true_scores(results[2:], qs[2:])
     assert count(frontend, Source.ERROR) == 2 and count(frontend) == 6
 
@@ -708,11 +732,12 @@ def test_health_reports_instances_and_follows_a_crash() -> None:
             return before, during, frontend.health()
 
     before, during, after = run(main())
-    assert before["ok"] and before["mode"] == "coded"
+    assert before["ok"] and before["status"] == "ok" and before["mode"] == "coded"
     assert [(i["id"], i["role"], i["healthy"]) for i in before["instances"]] == \
         [(0, "data", True), (1, "data", True), (2, "parity", True)]
-    assert during["ok"] and not during["instances"][1]["healthy"]
-    assert after["instances"][1]["healthy"]
+    assert not during["ok"] and during["status"] == "degraded" and during["serving"]  # serving, not all up
+    assert not during["instances"][1]["healthy"]
+    assert after["instances"][1]["healthy"] and after["ok"]
     assert sample(frontend, "parm_instance_healthy", instance="1", role="data") == 1
 
 

@@ -4,8 +4,16 @@ Transport: a ``multiprocessing`` pipe per instance. The event loop reads replies
 ``loop.add_reader`` and notices a dead process through its sentinel; requests are written by
 one sender thread per instance, so a full pipe (a stalled worker) never blocks the loop.
 Processes come from a ``forkserver`` that has already imported torch, so a restart after a
-crash takes tens of milliseconds instead of a fresh interpreter's seconds. A process that
-dies (or is killed) is reported through ``on_failure`` and started again at once.
+crash takes tens of milliseconds instead of a fresh interpreter's seconds. Workers die with the
+forkserver (``PR_SET_PDEATHSIG``), which exits with this process, so none is left behind.
+
+Restarts: a process that dies (or is killed) is reported through ``on_failure`` and started
+again — at once after a run of at least ``STABLE_S``; after a quicker death (a crash loop: the
+model cannot load, the machine is out of memory or file descriptors) with exponential backoff,
+``RESTART_FIRST_S`` doubling up to ``RESTART_CAP_S``, for as long as it takes: a restart that
+fails (no descriptors left to make a pipe) is retried on the same schedule. Until it is back the
+instance is unhealthy (``/healthz`` says ``degraded``). During ``start`` an instance whose model
+cannot load fails the start at once with the worker's reason, in one line.
 """
 
 from __future__ import annotations
@@ -32,14 +40,27 @@ log = logging.getLogger(__name__)
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "parm.backends.worker"])
+STABLE_S = 5.0  # an instance that ran this long before dying is restarted at once
+RESTART_FIRST_S = 0.1  # then, after each quicker death or failed restart, twice as long ...
+RESTART_CAP_S = 10.0  # ... up to this
+START_ATTEMPTS = 3  # deaths before first ready that fail start()
 
 
 def _child_main(conn: Any, spec: InstanceSpec, t0_wall_s: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
-    from parm.backends.worker import serve_forever
+    from parm.backends.worker import die_with_parent, serve_forever
 
+    die_with_parent()
     serve_forever(conn, spec, t0_wall_s)
+
+
+def restart_delay_s(quick_failures: int) -> float:
+    """Seconds before restarting an instance after ``quick_failures`` deaths in a row that each
+    came less than STABLE_S after it started (0: it had been up for a while)."""
+    if quick_failures <= 0:
+        return 0.0
+    return min(RESTART_CAP_S, RESTART_FIRST_S * 2 ** (quick_failures - 1))
 
 
 @dataclass
@@ -53,6 +74,8 @@ class _Slot:
     ready: bool = False
     dead: bool = False
     kill_reason: str | None = None
+    started_s: float = field(default_factory=time.monotonic)
+    fatal: str | None = None  # why the worker could not load its model
 
 
 class LocalBackend(Backend):
@@ -65,6 +88,9 @@ class LocalBackend(Backend):
         self._slots: dict[int, _Slot] = {}
         self._stopping = False
         self._crashed: set[int] = set()
+        self._quick_failures: dict[int, int] = {}  # instance -> deaths in a row, each soon after its start
+        self._start_error: str | None = None
+        self._pending: dict[int, asyncio.TimerHandle] = {}  # scheduled restarts
         self.restarts = 0
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -73,6 +99,7 @@ class LocalBackend(Backend):
         self._on_result, self._on_failure, self._on_ready = on_result, on_failure, on_ready
         self.t0_wall_s = time.time()
         self._all_ready = asyncio.Event()
+        self._start_error = None
         for spec in self.instances:
             self._spawn(spec)
         try:
@@ -83,6 +110,9 @@ class LocalBackend(Backend):
                 f"instances did not start within {self.start_timeout_s} s; check the model checkpoints "
                 f"and the log of the worker processes", instance=-1,
             ) from None
+        if self._start_error is not None:
+            await self.stop()
+            raise InstanceFailedError(self._start_error, instance=-1)
 
     def _spawn(self, spec: InstanceSpec) -> None:
         if spec.faults is not None and spec.instance_id in self._crashed:
@@ -90,7 +120,12 @@ class LocalBackend(Backend):
         parent, child = _CTX.Pipe(duplex=True)
         process = _CTX.Process(target=_child_main, args=(child, spec, self.t0_wall_s),
                                daemon=True, name=f"parm-instance-{spec.instance_id}")
-        process.start()
+        try:
+            process.start()
+        except BaseException:  # out of descriptors or memory: leave nothing half made
+            parent.close()
+            child.close()
+            raise
         child.close()
         slot = _Slot(spec, process, parent)
         self._slots[spec.instance_id] = slot
@@ -112,6 +147,9 @@ class LocalBackend(Backend):
 
     async def stop(self) -> None:
         self._stopping = True
+        for timer in self._pending.values():
+            timer.cancel()
+        self._pending.clear()
         slots = list(self._slots.values())
         for slot in slots:
             self._detach(slot)
@@ -174,8 +212,14 @@ class LocalBackend(Backend):
             self._on_result(iid, work_id, out, None)
         elif msg[0] == "err":
             self._on_result(iid, msg[1], None, msg[2])
+        elif msg[0] == "fatal":
+            slot.fatal = str(msg[2])
+            if not self._all_ready.is_set():  # starting: fail now, with the worker's reason
+                self._start_error = f"instance {iid} ({slot.spec.role}) cannot start: {slot.fatal}"
+                self._all_ready.set()
         elif msg[0] == "ready":
             slot.ready = True
+            slot.started_s = time.monotonic()
             log.info("instance %d (%s%s) ready on %s, pid %d", iid, slot.spec.role,
                      "" if slot.spec.zone is None else f", zone {slot.spec.zone}", msg[3], msg[2])
             if self._all_ready.is_set():
@@ -197,15 +241,45 @@ class LocalBackend(Backend):
         if slot.process.is_alive():  # pipe closed but process lingering: make sure it is gone
             slot.process.kill()
         slot.process.join(timeout=0.05)
+        iid = slot.spec.instance_id
         if slot.process.exitcode == INJECTED_CRASH_EXIT:
-            self._crashed.add(slot.spec.instance_id)
-        reason = slot.kill_reason or f"{why} (exit code {slot.process.exitcode})"
-        log.warning("instance %d (%s) failed: %s; restarting", slot.spec.instance_id, slot.spec.role, reason)
-        self.restarts += 1
+            self._crashed.add(iid)
+        reason = slot.kill_reason or slot.fatal or f"{why} (exit code {slot.process.exitcode})"
+        # a death of its own soon after it started (a crash loop); a stall the frontend killed is not one
+        quick = slot.kill_reason is None and (not slot.ready or time.monotonic() - slot.started_s < STABLE_S)
+        failures = self._quick_failures[iid] = self._quick_failures.get(iid, 0) + 1 if quick else 0
+        delay = restart_delay_s(failures)
         slot.process.join(timeout=0)
         slot.conn.close()
-        self._on_failure(slot.spec.instance_id, reason)  # its in-flight work is recovered first
+        if self._start_error is not None:  # start() is failing: nothing to restart
+            return
+        if not self._all_ready.is_set() and (slot.fatal is not None or failures >= START_ATTEMPTS):
+            self._start_error = self._start_error or (
+                f"instance {iid} ({slot.spec.role}) cannot start: {reason}"
+                + ("" if slot.fatal else f" ({failures} attempts; see the worker's output above)"))
+            self._all_ready.set()
+            return
+        log.warning("instance %d (%s) failed: %s; restarting%s", iid, slot.spec.role, reason,
+                    f" in {delay:.1f} s" if delay else "")
+        self.restarts += 1
+        self._on_failure(iid, reason)  # its in-flight work is recovered first
+        self._restart_later(slot.spec, delay)
+
+    def _restart_later(self, spec: InstanceSpec, delay_s: float) -> None:
+        if delay_s <= 0:
+            self._restart(spec)
+        else:
+            self._pending[spec.instance_id] = self._loop.call_later(delay_s, self._restart, spec)
+
+    def _restart(self, spec: InstanceSpec) -> None:
+        """Start the instance again; if that fails (no file descriptors left, say), try again later."""
+        self._pending.pop(spec.instance_id, None)
+        if self._stopping:
+            return
         try:
-            self._spawn(slot.spec)
-        except OSError:
-            log.exception("instance %d could not be restarted; it stays down", slot.spec.instance_id)
+            self._spawn(spec)
+        except OSError as exc:
+            failures = self._quick_failures[spec.instance_id] = self._quick_failures.get(spec.instance_id, 0) + 1
+            delay = restart_delay_s(failures)
+            log.warning("instance %d could not be restarted (%s); trying again in %.1f s", spec.instance_id, exc, delay)
+            self._restart_later(spec, delay)

@@ -24,6 +24,20 @@ from parm.devices import autocast
 log = logging.getLogger(__name__)
 
 INJECTED_CRASH_EXIT = 17  # the backend tells an injected crash from a real one by this exit code
+FATAL_EXIT = 18  # the instance could not load its model: it said why ("fatal") before exiting
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when the one that started it exits, so a worker never
+    outlives its frontend (even one killed with SIGKILL), stalled or not. Elsewhere: nothing."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Channel(Protocol):
@@ -88,8 +102,13 @@ def _wait_for_request(conn: Channel, runner: ModelRunner) -> bool:
 
 
 def serve_forever(conn: Channel, spec: InstanceSpec, t0_wall_s: float) -> None:
-    """The worker loop: load the model, say ready, answer requests until told to stop."""
-    runner = ModelRunner(spec, t0_wall_s)
+    """The worker loop: load the model, say ready, answer requests until told to stop. A model
+    that cannot be loaded is reported (``fatal``, with the reason) before the process exits."""
+    try:
+        runner = ModelRunner(spec, t0_wall_s)
+    except Exception as exc:  # a missing file, a bad factory, no such device, out of memory...
+        conn.send(("fatal", spec.instance_id, f"{type(exc).__name__}: {exc}"))
+        os._exit(FATAL_EXIT)
     conn.send(("ready", spec.instance_id, os.getpid(), str(runner.device)))
     while _wait_for_request(conn, runner):
         msg = conn.recv()

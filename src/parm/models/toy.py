@@ -48,3 +48,13 @@ class Constant(nn.Module):
 
 def constant(num_classes: int = 10) -> nn.Module:
     return Constant(num_classes)
+
+
+def linear_unless(marker: str, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """``linear``, but loading fails while the file ``marker`` exists: a model that cannot load
+    (a crash loop) for as long as a test wants one."""
+    from pathlib import Path
+
+    if Path(marker).exists():
+        raise RuntimeError(f"cannot load: {marker} exists")
+    return linear(in_shape, num_classes)

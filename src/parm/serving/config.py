@@ -15,6 +15,9 @@ MODES: tuple[str, ...] = ("none", "equal", "coded", "coded-hedge", "hedge", "rep
 CODED_MODES: tuple[str, ...] = ("coded", "coded-hedge")
 """Modes that run parity instances (and need a parity checkpoint)."""
 DISPATCH: tuple[str, ...] = ("shared", "round_robin")
+ENVELOPE_ACTIONS: tuple[str, ...] = ("uncoded", "reject", "off")
+"""What coded modes do with a query outside the parity model's input envelope (parm.coding.envelope):
+serve it outside every coding group, refuse it (422), or code it anyway (no check)."""
 
 
 def parity_role(index: int) -> str:
@@ -78,6 +81,10 @@ class ServingConfig:
     # originals while every data instance is full) before parity work; False: data work on data instances only
     hedge_on_parity: bool = True
     max_pending_queries: int = 10_000  # beyond this, new queries are refused (overload)
+    # coded modes: a query outside the parity model's input envelope is served uncoded (outside every
+    # coding group, so it cannot reach other queries' reconstructions), refused ("reject", 422) or,
+    # with "off", coded like any other
+    input_envelope: str = "uncoded"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "query_shape", tuple(int(s) for s in self.query_shape))
@@ -93,6 +100,9 @@ class ServingConfig:
         for name in ("batch_wait_ms", "group_wait_ms", "deadline_ms", "stall_timeout_ms", "hedge_min_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}", field=name, value=getattr(self, name))
+        if self.input_envelope not in ENVELOPE_ACTIONS:
+            raise ConfigError(f"input_envelope must be one of {ENVELOPE_ACTIONS}; got {self.input_envelope!r}",
+                              field="input_envelope", value=self.input_envelope)
         if not isinstance(self.hedge_on_parity, bool):
             raise ConfigError(f"hedge_on_parity must be true or false; got {self.hedge_on_parity!r}",
                               field="hedge_on_parity", value=self.hedge_on_parity)

@@ -17,9 +17,17 @@ from typing import Any
 import torch
 
 from parm.backends.base import Backend
-from parm.errors import BadQueryError, DeadlineExceededError, OverloadedError, ServingError
+from parm.coding import InputEnvelope
+from parm.errors import (
+    BadQueryError,
+    ConfigError,
+    DeadlineExceededError,
+    ModelFailedError,
+    OverloadedError,
+    ServingError,
+)
 from parm.serving.batcher import Batch, Batcher
-from parm.serving.config import ServingConfig
+from parm.serving.config import CODED_MODES, ServingConfig
 from parm.serving.dispatch import Dispatcher, Work
 from parm.serving.health import health_report, watch_stalls
 from parm.serving.metrics import ServingMetrics
@@ -34,8 +42,13 @@ class Frontend:
     """asyncio frontend over a Backend (see module docstring). Implements PredictService."""
 
     def __init__(self, config: ServingConfig, backend: Backend, *, clock: Callable[[], float] = time.monotonic,
-                 metrics: ServingMetrics | None = None) -> None:
+                 metrics: ServingMetrics | None = None, envelope: InputEnvelope | None = None) -> None:
         self.config = config
+        # the parity model's input envelope: checked in coded modes unless config.input_envelope is "off"
+        self.envelope = envelope if config.mode in CODED_MODES and config.input_envelope != "off" else None
+        if self.envelope is not None and self.envelope.shape != tuple(config.query_shape):
+            raise ConfigError(f"the input envelope has shape {list(self.envelope.shape)}, not the query shape "
+                              f"{list(config.query_shape)}", field="envelope", value=list(self.envelope.shape))
         self.backend = backend
         self.clock = clock
         self.metrics = metrics or ServingMetrics()
@@ -92,29 +105,60 @@ class Frontend:
     def pending_queries(self) -> int:
         return self._unanswered
 
-    def submit(self, query: torch.Tensor) -> asyncio.Future:
-        """Queue one query (*query_shape) float32; the future resolves to a Prediction."""
+    def submit(self, query: torch.Tensor, *, inside: bool | None = None) -> asyncio.Future:
+        """Queue one query (*query_shape) float32; the future resolves to a Prediction. ``inside``:
+        whether it lies inside the input envelope, when the caller already checked (``predict``)."""
         if tuple(query.shape) != self.query_shape:
             raise BadQueryError(f"query has shape {list(query.shape)}; expected {list(self.query_shape)}",
                                 field="inputs")
         if self.pending_queries() >= self.config.max_pending_queries:
             self.metrics.rejected.labels("overloaded").inc()
             raise self._overloaded(1)
+        coded = True
+        if self.envelope is not None:
+            if inside is None:
+                inside = bool(self.envelope.contains(query[None])[0])
+            if not inside:
+                coded = self._outside_envelope(1)
         future = self._loop.create_future()
         self._unanswered += 1
-        self.batcher.add(query.to(torch.float32), future)
+        self.batcher.add(query.to(torch.float32), future, coded=coded)
         return future
+
+    def _outside_envelope(self, n: int) -> bool:
+        """Count n queries outside the envelope; refuse them (``reject``) or say they go uncoded (False)."""
+        if self.config.input_envelope == "reject":
+            self.metrics.out_of_envelope.labels("rejected").inc(n)
+            raise BadQueryError(f"{n} quer{'y lies' if n == 1 else 'ies lie'} outside the input envelope of the "
+                                "parity model (values far from its training inputs: are they normalised with the "
+                                "base checkpoint's mean/std?)", field="inputs")
+        self.metrics.out_of_envelope.labels("uncoded").inc(n)
+        return False
 
     def _overloaded(self, n: int) -> OverloadedError:
         return OverloadedError(f"{self.pending_queries()} queries pending, {n} more asked (limit "
                                f"{self.config.max_pending_queries}); retry later", limit="max_pending_queries",
                                status=429)
 
+    def overloaded(self) -> bool:
+        """Whether new queries would be refused now (the HTTP edge asks before reading a body)."""
+        return self.pending_queries() >= self.config.max_pending_queries
+
     async def predict(self, queries: torch.Tensor) -> list[Prediction]:
         """Answer a batch of queries (N, *query_shape) — all of them or, on overload, none."""
+        if len(queries) > self.config.max_pending_queries:  # could never be admitted: not a retry-later
+            raise BadQueryError(f"the request holds {len(queries)} queries but the server keeps at most "
+                                f"max_pending_queries={self.config.max_pending_queries} pending; send fewer per request",
+                                field="inputs", status=413)
         if self.pending_queries() + len(queries) > self.config.max_pending_queries:
             raise self._overloaded(len(queries))  # counted by the caller (the HTTP edge)
-        futures = [self.submit(q) for q in queries]
+        if self.envelope is None:
+            futures = [self.submit(q) for q in queries]
+        else:  # one vectorised check for the whole request; a rejected request leaves nothing queued
+            inside = self.envelope.contains(queries).tolist()
+            if self.config.input_envelope == "reject" and not all(inside):
+                self._outside_envelope(len(inside) - sum(inside))
+            futures = [self.submit(q, inside=ok) for q, ok in zip(queries, inside)]
         return list(await asyncio.gather(*futures))
 
     def _on_batch(self, batch: Batch) -> None:
@@ -135,14 +179,18 @@ class Frontend:
         batch.answered = True
         now = self.clock()
         labels = outputs.argmax(dim=-1).tolist() if outputs is not None else []  # (B, C) -> (B,)
+        finite = torch.isfinite(outputs).all(dim=-1).tolist() if outputs is not None else []  # (B,)
         for row, (future, arrival) in enumerate(zip(batch.futures, batch.arrivals_s)):
             self._unanswered -= 1
-            self._query_counters[source].inc()
+            self._query_counters[source if outputs is None or finite[row] else Source.ERROR].inc()
             self.metrics.latency.observe(now - arrival)
             if future.done():
                 continue
             if outputs is None:
                 future.set_exception(error or ServingError("no answer"))
+            elif not finite[row]:  # never a NaN/inf score in an answer (nor in JSON)
+                self.metrics.non_finite.inc()
+                future.set_exception(_non_finite(source))
             else:
                 future.set_result(Prediction(outputs[row], labels[row], source, (now - arrival) * 1e3, instance))
         for timer in batch.timers:
@@ -198,3 +246,12 @@ class Frontend:
             self.settle(batch, Source.ERROR, error=DeadlineExceededError(
                 f"no answer within deadline_ms={self.config.deadline_ms}", deadline_s=self.config.deadline_ms / 1e3))
             self.policy.on_expired(batch_id)
+
+
+def _non_finite(source: Source) -> ModelFailedError:
+    if source is Source.RECONSTRUCTED:  # not this query's fault: its group's parity output was unusable
+        return ModelFailedError("the reconstruction of this query was not finite; retry it", status=500,
+                                kind="non_finite_output")
+    return ModelFailedError("the model's scores for this query are not finite (NaN or inf): its values are far "
+                            "outside what the model was trained on; prepare inputs with the mean/std of the base "
+                            "checkpoint's record.json", status=422, kind="non_finite_output")

@@ -26,6 +26,13 @@ class ServingMetrics:
         self.pending_queries = Gauge("parm_pending_queries", "Queries accepted and not yet answered", registry=r)
         self.rejected = Counter("parm_rejected_queries", "Queries refused (overload, bad input)", ["reason"],
                                 registry=r)
+        self.non_finite = Counter("parm_non_finite_answers", "Queries failed because their scores were NaN/inf",
+                                  registry=r)
+        self.unusable = Counter("parm_unusable_outputs", "Non-finite data or parity outputs kept out of decoding",
+                                ["kind"], registry=r)
+        self.out_of_envelope = Counter("parm_out_of_envelope_queries",
+                                       "Queries outside the parity model's input envelope, by what was done with them",
+                                       ["action"], registry=r)
 
     def resend_count(self) -> int:
         """Data batches sent again so far (hedges, failures, double erasures)."""

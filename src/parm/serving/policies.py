@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from parm.coding import encode
-from parm.errors import ServingError
+from parm.errors import ModelFailedError
 from parm.serving.batcher import Batch
 from parm.serving.config import parity_role
 from parm.serving.dispatch import Work
@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 HEDGE_START_MS = 50.0  # the hedge deadline until enough service times are measured
 HEDGE_MIN_SAMPLES = 20
 LATENCY_WINDOW = 2000  # recent service times the hedge percentile is taken over
+
+
+def _finite(output: torch.Tensor) -> bool:
+    return bool(torch.isfinite(output).all())
 
 
 class Policy:
@@ -97,7 +101,7 @@ class Policy:
         batch = self.fe.batch(work.key) if work.kind == "data" else None
         if batch is None or self.dispatcher.holders("data", work.key):
             return
-        self.fe.settle(batch, Source.ERROR, error=ServingError(f"the model failed on this batch: {error}"))
+        self.fe.settle(batch, Source.ERROR, error=ModelFailedError(f"the model failed on this batch: {error}"))
 
     def on_lost(self, work: Work, instance_id: int) -> None:
         if work.kind == "data":
@@ -227,6 +231,8 @@ class Coded(Policy):
         self._answer_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)  # batch age when its original answered
         self._held: dict[int, torch.Tensor] = {}  # batch -> its reconstruction, waiting for the original
         self._failed: set[int] = set()  # batches whose original failed: a reconstruction is taken at once
+        self._uncoded: set[int] = set()  # batches outside every group (queries outside the input envelope)
+        self._need_original: set[int] = set()  # decoded to non-finite scores: only a real copy answers them
 
     async def start(self) -> None:
         zeros = torch.zeros(self.config.batch_size, *self.config.query_shape)  # (B, *S)
@@ -241,6 +247,10 @@ class Coded(Policy):
         return self.tracker.group_of(batch_id)
 
     def on_batch(self, batch: Batch) -> None:
+        if not batch.coded:  # never in a group: its inputs must not reach other queries' answers
+            self._uncoded.add(batch.batch_id)
+            Policy.on_batch(self, batch)
+            return
         group, _, full = self.tracker.add(batch.batch_id)
         self._group_inputs.setdefault(group, []).append(batch.inputs)
         if self.config.reconstruct_percentile is not None:
@@ -277,17 +287,35 @@ class Coded(Policy):
 
     def on_output(self, work: Work, output: torch.Tensor) -> None:
         if work.kind == "parity":
-            self._apply(self.tracker.on_parity(work.key, self._parity_index[work.role], output), work.instance)
+            index = self._parity_index[work.role]
+            if not _finite(output):  # a NaN/inf parity output would poison every decode of its group
+                self.fe.metrics.unusable.labels("parity").inc()
+                self._apply(self.tracker.on_parity_failure(work.key, index), None)
+            else:
+                self._apply(self.tracker.on_parity(work.key, index, output), work.instance)
+            return
+        if work.key in self._uncoded:
+            Policy.on_output(self, work, output)
             return
         formed = self._formed_s.pop(work.key, None)
         if formed is not None and not work.retry:
             self._answer_ms.append((self.fe.clock() - formed) * 1e3)
         gid = self.tracker.group_of(work.key)
+        batch = self.fe.batch(work.key)
+        source = Source.RETRIED if work.retry else Source.ORIGINAL
+        if not _finite(output):  # answered as it is (its non-finite rows fail), never used to decode others
+            self.fe.metrics.unusable.labels("data").inc()
+            self._held.pop(work.key, None)
+            self._need_original.discard(work.key)
+            if batch is not None:
+                self.fe.settle(batch, source, output, work.instance)
+            self._apply(self.tracker.on_unusable(work.key), None)
+            return
         self._apply(self.tracker.on_output(work.key, output, retried=work.retry), work.instance)
         held = self._held.pop(work.key, None)
-        batch = self.fe.batch(work.key)
-        if held is not None and batch is not None:  # the original beat its held reconstruction
-            self.fe.settle(batch, Source.RETRIED if work.retry else Source.ORIGINAL, output, work.instance)
+        needed = work.key in self._need_original
+        if (held is not None or needed) and batch is not None:  # the original beat (or replaces) a reconstruction
+            self.fe.settle(batch, source, output, work.instance)
         if gid is not None and not self.tracker.has_group(gid):
             # every member is answered: a still-queued parity batch is useless. Without this a
             # parity instance slowed for a while comes back to a backlog of finished groups.
@@ -299,6 +327,9 @@ class Coded(Policy):
         if work.kind == "parity":
             self._apply(self.tracker.on_parity_failure(work.key, self._parity_index[work.role]), None)
             return
+        if work.kind == "data" and work.key in self._uncoded:
+            Policy.on_model_error(self, work, error)
+            return
         batch = self.fe.batch(work.key) if work.kind == "data" else None
         if batch is None:
             return
@@ -307,12 +338,15 @@ class Coded(Policy):
             return
         if self.dispatcher.holders("data", work.key):
             return
-        self.fe.settle(batch, Source.ERROR, error=ServingError(f"the model failed on this batch: {error}"))
+        self.fe.settle(batch, Source.ERROR, error=ModelFailedError(f"the model failed on this batch: {error}"))
         self.on_expired(work.key)
 
     def on_lost(self, work: Work, instance_id: int) -> None:
         if work.kind == "parity":
             self._apply(self.tracker.on_parity_failure(work.key, self._parity_index[work.role]), None)
+            return
+        if work.kind == "data" and work.key in self._uncoded:
+            Policy.on_lost(self, work, instance_id)
             return
         batch = self.fe.batch(work.key) if work.kind == "data" else None
         if batch is not None and work.retry and self.dispatcher.holders("data", work.key):
@@ -321,6 +355,9 @@ class Coded(Policy):
             self._original_failed(batch)
 
     def _original_failed(self, batch: Batch) -> None:
+        if batch.batch_id in self._need_original:  # its reconstruction was unusable: run it again
+            self.resend(batch.batch_id)
+            return
         self._failed.add(batch.batch_id)
         held = self._held.pop(batch.batch_id, None)
         if held is not None:
@@ -334,6 +371,8 @@ class Coded(Policy):
     def on_settled(self, batch: Batch, source: Source) -> None:
         self._held.pop(batch.batch_id, None)
         self._failed.discard(batch.batch_id)
+        self._uncoded.discard(batch.batch_id)
+        self._need_original.discard(batch.batch_id)
         if source is Source.ERROR:  # mark its copies; a late original still helps decode the group
             self.dispatcher.cancel("data", batch.batch_id, abort_sent=False)
         elif source is not Source.RECONSTRUCTED:  # its output is known: other copies (hedges) are useless
@@ -371,6 +410,13 @@ class Coded(Policy):
                     continue  # already settled (an ERROR answer: failed by its deadline)
                 if action.source is not Source.RECONSTRUCTED:
                     self.fe.settle(batch, action.source, action.outputs, instance)
+                    continue
+                if not _finite(action.outputs):  # wait for a real copy; keep the original running
+                    self.fe.metrics.unusable.labels("reconstruction").inc()
+                    self._need_original.add(batch.batch_id)
+                    held_now.add(batch.batch_id)
+                    if batch.batch_id in self._failed:
+                        self.resend(batch.batch_id)
                     continue
                 wait_s = self._reconstruction_wait_s(batch)
                 if wait_s > 0:  # the original is not late yet: hold the reconstruction

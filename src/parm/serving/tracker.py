@@ -8,8 +8,8 @@ outputs the frontend supplies (the known F(0)), so decoding works the same way.
 
 Events: ``add`` (a data batch joins the open group), ``close`` (no more members),
 ``on_output`` (a data batch's original output), ``on_parity`` (a parity output),
-``on_failure`` (a data batch's instance died or stalled), ``on_parity_failure``, ``expire``
-(the query deadline passed).
+``on_failure`` (a data batch's instance died or stalled), ``on_parity_failure``, ``on_unusable``
+(a batch answered with an output unfit for decoding), ``expire`` (the query deadline passed).
 
 Actions: ``Answer(batch, outputs, source)``, ``Cancel(batch)`` (drop the original if it is
 still queued; ignore it if it arrives), ``Resend(batch)`` (send the batch again).
@@ -185,6 +185,16 @@ class GroupTracker:
         if not member.answered and not self._can_still_decode(group):
             actions += self._resend_failed(group)
         return actions
+
+    def on_unusable(self, batch_id: int) -> list[Action]:
+        """The batch was answered outside its group with an output that must not be used to decode
+        (not finite): it counts as answered and unavailable, like a reconstructed member."""
+        member, group = self._lookup(batch_id)
+        if member is None or group is None:
+            return []
+        member.answered, member.output = True, None
+        actions = [] if self._can_still_decode(group) else self._resend_failed(group)
+        return self._after_change(group, actions)
 
     def on_parity_failure(self, gid: int, index: int) -> list[Action]:
         """The instance computing parity ``index`` of group ``gid`` died or stalled."""

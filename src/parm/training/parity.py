@@ -23,14 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from parm.checkpoint import (
+    ENVELOPE_FILE,
     ModelRecord,
     check_parity_matches,
     load_checkpoint,
     load_record,
     parity_set_dirs,
     save_checkpoint,
+    save_envelope,
 )
-from parm.coding import CodeConfig, encode, reconstruct_each
+from parm.coding import CodeConfig, InputEnvelope, encode, reconstruct_each
 from parm.data import ArrayDataset, load_dataset, train_val_split
 from parm.data.groups import fixed_groups, sample_groups
 from parm.data.inputs import load_inputs
@@ -205,6 +207,7 @@ def train_parity(
             raise ConfigError(f"{len(full.images)} inputs are too few to hold back validation groups of k={parity.code.k}; "
                               "give at least 5·k inputs (thousands for a useful parity model)", field="inputs",
                               value=len(full.images))
+    save_envelope(out, InputEnvelope.fit(full.images))  # which queries serving may code together
     train_idx, val_idx = train_val_split(len(full.images), val_size, base_optim.get("seed", optim.seed))
     train, val = full.take(train_idx), full.take(val_idx)
     trained_on: dict[str, object] | None = None if inputs is None else {
@@ -231,6 +234,17 @@ def train_parity(
     log.info("%s: best epoch %d, val reconstruction accuracy %.4f",
              _desc(parity), result.best_epoch + 1, result.best_metrics["score"])
     return load_checkpoint(out)[1]
+
+
+def write_envelope(base_dir: str | Path, out: str | Path, *, data_root: str | Path | None = None,
+                   download: bool = False, cache_dir: str | Path | None = None,
+                   inputs: str | Path | None = None) -> Path:
+    """Write the input envelope (:class:`parm.coding.InputEnvelope`) of the base's training inputs
+    (or of ``inputs``) into the parity checkpoint folder ``out``; training does this itself, this
+    adds one to a checkpoint trained before envelopes existed."""
+    _, _, _, full = load_coded_split(base_dir, "train", data_root=data_root, download=download, cache_dir=cache_dir,
+                                     inputs=inputs)
+    return save_envelope(out, InputEnvelope.fit(full.images))
 
 
 def _already_trained(out: Path, parity: ParityConfig, base: ModelRecord, optim: OptimConfig) -> ModelRecord | None:
@@ -282,6 +296,8 @@ def train_parities(
         record = None if inputs is not None else _already_trained(folder, parity, base, optim)  # inputs: resumed by fit
         if record is not None:
             log.info("%s: already trained in %s, skipped", _desc(parity), folder)
+            if not (Path(folder) / ENVELOPE_FILE).exists():  # trained before envelopes: add one
+                write_envelope(base_dir, folder, data_root=data_root, download=download, cache_dir=cache_dir)
         else:
             record = train_parity(base_dir, folder, parity, optim, recipe=recipe, data_root=data_root,
                                   download=download, cache_dir=cache_dir, progress=progress, inputs=inputs,
