@@ -62,13 +62,14 @@ def table(path: Path) -> str:
                                   f"{_ci(stats, f'gap_ratio_vs_{base}', unit='×')} | "
                                   f"{_ci(stats, f'median_ratio_vs_{base}', 3)} | "
                                   f"{_per_trial_ratios(p['modes'][base], stats)} |")
-    verdicts = ["", "| point | best ParM | better of equal and hedge | gap ratio | verdict | ParM median / equal's |",
-                "|---|---|---|---|---|---|"]
+    verdicts = ["", "| point | best ParM | better of equal and hedge | gap ratio | verdict | the other: gap ratio, verdict "
+                "| overall | ParM median / equal's |", "|---|---|---|---|---|---|---|---|"]
     for p in summary["points"]:
         best = best_against_better(p["modes"])
         if best is not None:
             verdicts.append(f"| {p['point']['label']} | {best['parm']} | {best['baseline']} | "
                             f"{format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='×')} | {best['verdict']} | "
+                            f"{_other(best)} | {best['overall']} | "
                             f"{format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} |")
     return "\n".join(lines + (ratios if len(ratios) > 3 else []) + (verdicts if len(verdicts) > 3 else []))
 
@@ -76,8 +77,9 @@ def table(path: Path) -> str:
 def verdicts(paths: list[Path]) -> str:
     """One table over many runs: each point's best ParM variant against the better of
     Equal-Resources and hedging (``--verdicts DIR...``)."""
-    lines = ["| experiment | point | best ParM | better of equal and hedge | gap ratio | verdict | ParM median / equal's |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | point | best ParM | better of equal and hedge | gap ratio | verdict | the other: gap ratio, "
+             "verdict | overall | ParM median / equal's |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         summary = json.loads((path / "summary.json").read_text())
         for p in summary["points"]:
@@ -85,9 +87,15 @@ def verdicts(paths: list[Path]) -> str:
             if best is not None:
                 lines.append(f"| {summary['experiment']} ({summary['kind']}) | {p['point']['label']} | {best['parm']} | "
                              f"{best['baseline']} | {format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='×')} "
-                             f"| {best['verdict']} | "
+                             f"| {best['verdict']} | {_other(best)} | {best['overall']} | "
                              f"{format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} |")
     return "\n".join(lines)
+
+
+def _other(best: dict) -> str:
+    """The verdict against the baseline with the larger pooled gap: ``hedge 0.68× [0.68, 0.86], worse``."""
+    return "; ".join(f"{name} {format_with_interval(a['gap_ratio'], a['gap_ratio_ci'], unit='×')}, {a['verdict']}"
+                     for name, a in best["against"].items() if name != best["baseline"]) or "—"
 
 
 if __name__ == "__main__":

@@ -54,3 +54,18 @@ def test_a_gpu_that_is_not_there_is_one_line(command: list[str], tmp_path: Path,
     err = capsys.readouterr().err
     assert code == 2 and "device 'cuda:0': PyTorch sees no CUDA GPU" in err and "--device cpu" in err
     assert err.count("\n") == 1 and not (tmp_path / "b").exists() and not (tmp_path / "p").exists()
+
+
+def test_default_threads_leaves_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import parm.cli as cli
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(cli, "_idle_cpus", lambda s: 0.2)
+    assert default_threads() == 1  # nothing idle: still one thread
+    monkeypatch.setattr(cli, "_idle_cpus", lambda s: cpus - 0.6)  # one core mostly busy elsewhere
+    assert default_threads() == max(1, cpus - 1)
+    monkeypatch.setattr(cli, "_idle_cpus", lambda s: None)  # not measurable: every CPU we may use
+    assert default_threads() == cpus
+    assert cli._idle_cpus(0.05) is None or 0 <= cli._idle_cpus(0.05) <= cpus  # the real measurement

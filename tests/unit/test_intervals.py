@@ -157,6 +157,13 @@ def test_best_parm_is_judged_against_the_better_baseline_by_its_interval() -> No
     modes["equal"]["p999_ms"] = None  # failed queries: an infinite gap is never the better baseline
     assert run_experiment.best_against_better(modes)["baseline"] == "hedge"  # type: ignore[index]
     assert run_experiment.best_against_better({"equal": modes["equal"]}) is None  # no ParM run
+    # a loss to the baseline with the larger pooled gap is not hidden by a tie with the better one
+    modes["equal"]["p999_ms"] = 400.0
+    modes["coded-hedge"].update(gap_ratio_vs_hedge_ci=[0.8, 1.9], gap_ratio_vs_equal=0.7, gap_ratio_vs_equal_ci=[0.6, 0.9])
+    best = run_experiment.best_against_better(modes)
+    assert best is not None and (best["baseline"], best["verdict"], best["overall"]) == ("hedge", "tie", "worse")
+    assert best["against"]["equal"]["verdict"] == "worse"
+    assert "vs equal 0.70x [0.60, 0.90], worse; overall worse" in run_experiment.format_best(best)
     assert "best ParM (coded-hedge) vs better baseline (hedge)" in run_experiment.format_best(
         run_experiment.best_against_better(modes))  # type: ignore[arg-type]
 

@@ -331,7 +331,10 @@ def best_against_better(modes: dict[str, dict[str, Any]]) -> dict[str, Any] | No
     """The best ParM variant (smallest pooled p99.9 − p50 among the coded modes run) against the
     better of Equal-Resources and hedging (the smaller gap of those run): the gap ratio with its 95%
     interval, a verdict (``better``: the interval lies above 1; ``worse``: below 1; else ``tie``),
-    and the variant's median against Equal-Resources'. None when either side was not run."""
+    and the variant's median against Equal-Resources'. ``against`` holds the same for each of the two
+    run, and ``overall`` combines them: ``worse`` if it is worse than either, ``better`` if better
+    than both, else ``tie`` (a loss to the baseline with the larger pooled gap is not hidden). None
+    when either side was not run."""
     ours = [m for m in CODED_FAMILY if m in modes]
     bases = [m for m in BASELINES if m in modes]
     if not ours or not bases:
@@ -339,18 +342,26 @@ def best_against_better(modes: dict[str, dict[str, Any]]) -> dict[str, Any] | No
     best = min(ours, key=lambda m: _gap(modes[m]))
     base = min(bases, key=lambda m: _gap(modes[m]))
     stats = modes[best]
-    ratio, ci = stats.get(f"gap_ratio_vs_{base}"), stats.get(f"gap_ratio_vs_{base}_ci")
-    verdict = "undefined" if ratio is None or not ci or None in ci else \
-        "better" if ci[0] > 1 else "worse" if ci[1] < 1 else "tie"
-    return {"parm": best, "baseline": base, "gap_ratio": ratio, "gap_ratio_ci": ci, "verdict": verdict,
+    against = {}
+    for name in bases:
+        ratio, ci = stats.get(f"gap_ratio_vs_{name}"), stats.get(f"gap_ratio_vs_{name}_ci")
+        verdict = "undefined" if ratio is None or not ci or None in ci else \
+            "better" if ci[0] > 1 else "worse" if ci[1] < 1 else "tie"
+        against[name] = {"gap_ratio": ratio, "gap_ratio_ci": ci, "verdict": verdict}
+    verdicts = [a["verdict"] for a in against.values()]
+    overall = next((v for v in ("undefined", "worse") if v in verdicts), "better" if set(verdicts) == {"better"} else "tie")
+    return {"parm": best, "baseline": base, **against[base], "against": against, "overall": overall,
             "median_vs_equal": stats.get("median_ratio_vs_equal"), "median_vs_equal_ci": stats.get("median_ratio_vs_equal_ci")}
 
 
 def format_best(best: dict[str, Any]) -> str:
     median = "" if best["median_vs_equal"] is None else \
         f"; its median {format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} x equal's"
+    others = "".join(f"; vs {name} {format_with_interval(a['gap_ratio'], a['gap_ratio_ci'], unit='x')}, {a['verdict']}"
+                     for name, a in best.get("against", {}).items() if name != best["baseline"])
     return (f"best ParM ({best['parm']}) vs better baseline ({best['baseline']}): "
-            f"{format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='x')} gap ratio, {best['verdict']}{median}")
+            f"{format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='x')} gap ratio, {best['verdict']}"
+            f"{others}; overall {best.get('overall', best['verdict'])}{median}")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
