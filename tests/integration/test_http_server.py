@@ -371,3 +371,17 @@ def test_connections_past_the_limit_get_503_and_the_server_recovers(tight_server
     while request(tight_server.port, "GET", "/healthz")[0] != 200:
         assert time.monotonic() < deadline, "the server did not recover after the idle connections closed"
         time.sleep(0.05)
+
+
+def test_many_requests_on_one_keep_alive_connection_never_trip_the_header_limit(tight_server) -> None:
+    """The header-size limit counts each request's own headers, not the connection's history."""
+    conn = http.client.HTTPConnection(HOST, tight_server.port, timeout=10)
+    try:
+        payload = json.dumps({"inputs": [Q0] * 50}).encode()  # ~5 KB a request, 200 KB over the connection
+        for _ in range(40):
+            conn.request("POST", "/v1/predict", body=payload, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200, response.read()[:200]
+            response.read()
+    finally:
+        conn.close()

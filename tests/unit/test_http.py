@@ -206,6 +206,15 @@ def test_bad_base64_in_list_names_the_element() -> None:
     assert "inputs[1].data query 0 (query 1 of the request)" in str(err)
 
 
+def test_a_big_body_of_json_number_lists_is_413_before_parsing_but_base64_may_be_big() -> None:
+    limits = HttpLimits(max_body_bytes=1 << 22, max_json_array_bytes=2048, max_queries_per_request=10_000)
+    many = [Q0] * 1000  # ~ 14 KB of JSON numbers
+    err = rejected(body(many), limits)
+    assert err.status == 413 and "JSON number lists may be at most 2048 bytes" in str(err) and "base64" in str(err)
+    assert parse_queries(body({"data": b64(Q0 * 1000), "shape": [1000, 6]}), SHAPE, limits).shape == (1000, *SHAPE)
+    assert parse_queries(body([Q0] * 10), SHAPE, limits).shape == (10, *SHAPE)  # small JSON is fine
+
+
 def test_too_many_queries_is_422() -> None:
     limits = HttpLimits(max_queries_per_request=3)
     assert parse_queries(body([Q0] * 3), SHAPE, limits).shape[0] == 3
