@@ -60,6 +60,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+DRAIN_BYTES = 64 * 1024 * 1024  # a too-large body up to this is read away before its 413 (see _drain)
 MAX_HEADER_BYTES = 64 * 1024  # a request line and headers larger than this get 431 and the connection closes
 _ARRAY_COMMAS = 4096  # a body with more commas than this is JSON number lists, not the base64 form
 _OFFLOAD_BODY_BYTES = 256 * 1024  # parse bodies larger than this in a thread, off the shared event loop
@@ -481,24 +482,41 @@ class _App:
         limit = self._limits.max_body_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
+            if declared <= DRAIN_BYTES:  # read it away first, so that a client still sending sees the 413
+                await self._drain(receive)
             raise self._too_large(f"Content-Length {declared}")
         chunks, size = [], 0
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), self._limits.body_timeout_s)
-            except asyncio.TimeoutError:
-                raise _HttpError(408, "body_timeout", f"the request body stalled for {self._limits.body_timeout_s:g} s "
-                                 "before it was complete", [_CLOSE]) from None
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
+            message = await self._next(receive)
             chunk = message.get("body", b"")
             if chunk:
                 size += len(chunk)
                 if size > limit:
+                    if message.get("more_body", False):
+                        await self._drain(receive, size)
                     raise self._too_large(f"more than {limit} bytes")
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _next(self, receive: Receive) -> Message:
+        try:
+            message = await asyncio.wait_for(receive(), self._limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _HttpError(408, "body_timeout", f"the request body stalled for {self._limits.body_timeout_s:g} s "
+                             "before it was complete", [_CLOSE]) from None
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        return message
+
+    async def _drain(self, receive: Receive, read: int = 0) -> None:
+        """Read and drop the rest of a refused body, up to DRAIN_BYTES in all (then the 413 closes the
+        connection): a client that writes its whole body before reading gets the 413, not a reset."""
+        while read <= DRAIN_BYTES:
+            message = await self._next(receive)
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     def _too_large(self, what: str) -> _HttpError:
         self._rejected_large.inc()

@@ -385,3 +385,20 @@ def test_many_requests_on_one_keep_alive_connection_never_trip_the_header_limit(
             response.read()
     finally:
         conn.close()
+
+
+def test_a_client_that_sends_its_whole_body_first_still_reads_the_413(server) -> None:
+    """http.client writes the whole body before reading: the server drains it and answers 413,
+    instead of closing mid-body (which would reset the connection under the client)."""
+    payload = json.dumps({"inputs": [Q0] * 40_000}).encode()  # ~3 MB, far over MAX_BODY_BYTES
+    for headers in ({"Content-Type": "application/json"}, {"Content-Type": "application/json",
+                                                          "Transfer-Encoding": "chunked"}):
+        conn = http.client.HTTPConnection(HOST, server.port, timeout=30)
+        try:
+            body = payload if "Transfer-Encoding" not in headers else iter([payload[i:i + 65536]
+                                                                            for i in range(0, len(payload), 65536)])
+            conn.request("POST", "/v1/predict", body=body, headers=headers, encode_chunked="Transfer-Encoding" in headers)
+            response = conn.getresponse()
+            assert response.status == 413 and json.loads(response.read())["error"]["type"] == "body_too_large"
+        finally:
+            conn.close()

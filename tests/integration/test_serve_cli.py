@@ -116,10 +116,11 @@ def test_bad_input_is_refused_and_server_keeps_serving(server, body: bytes, stat
     assert _predict(port, {"inputs": [[0.0] * 784]})[0] == 200
 
 
-def test_overload_answers_429(server) -> None:
+def test_a_request_larger_than_max_pending_is_413_not_retry_later(server) -> None:
     _, port = server
     status, out = _predict(port, {"inputs": np.zeros((100, 784)).tolist()})  # more than --max-pending 64
-    assert status == 429 and "retry" in out["error"]["message"]
+    assert status == 413 and "max_pending_queries=64" in out["error"]["message"]
+    assert _predict(port, {"inputs": np.zeros((10, 784)).tolist()})[0] == 200
 
 
 def test_crash_mid_traffic_loses_nothing_then_metrics_and_health(server) -> None:
