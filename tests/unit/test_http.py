@@ -413,21 +413,30 @@ def test_body_over_limit_is_413_while_reading(setup) -> None:
     assert rejected_count(metrics, "body_too_large") == 1 and not service.calls
 
 
-def test_content_length_over_limit_is_413_before_reading(setup) -> None:
+def test_content_length_over_limit_is_413_and_a_huge_one_is_not_read(setup) -> None:
+    """Over the limit but within DRAIN_BYTES: read away (so a client still sending sees the 413),
+    never kept; past DRAIN_BYTES: refused without reading a byte (the connection then closes)."""
+    from parm.http import DRAIN_BYTES
+
     app, _, _ = setup
 
-    async def run():
+    async def run(declared: int, chunks: list[bytes] | None):
         async def receive():
-            raise AssertionError("the body must not be read")
+            if chunks is None:
+                raise AssertionError("the body must not be read")
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
         sent = []
 
         async def send(m):
             sent.append(m)
-        scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": [(b"content-length", b"5000")]}
+        scope = {"type": "http", "method": "POST", "path": "/v1/predict",
+                 "headers": [(b"content-length", str(declared).encode())]}
         await app(scope, receive, send)
         return sent
-    sent = asyncio.run(run())
-    assert sent[0]["status"] == 413
+    chunks = [b"x" * 2500, b"x" * 2500]
+    sent = asyncio.run(run(5000, chunks))
+    assert sent[0]["status"] == 413 and chunks == []  # drained
+    assert asyncio.run(run(DRAIN_BYTES + 1, None))[0]["status"] == 413
 
 
 def test_body_at_limit_is_read(setup) -> None:
