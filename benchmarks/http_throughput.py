@@ -1,14 +1,16 @@
 """End-to-end HTTP throughput and latency of `parm serve`, driven by wrk (a real HTTP load generator).
 
     python benchmarks/http_throughput.py --base runs/mnist-mlp/base --parity runs/mnist-mlp/k2-add \\
-        [--modes none,coded] [--batch-sizes 1,8] [--connections 32] [--seconds 10] [--instances 2]
+        [--modes none,coded] [--batch-sizes 1,8] [--connections 32] [--seconds 10] [--instances 2] [--repeats 3]
 
 Needs `wrk` on the PATH (Debian/Ubuntu: apt-get install wrk). For each mode and batch size it starts
 `parm serve` on 127.0.0.1 (no emulated accelerator time: `--emulated-ms 0`, so the model is the MNIST
 MLP's ~0.1 ms and the rest is serving overhead), sends one-query JSON requests of a real test image
 from `--connections` keep-alive connections for `--seconds` (after a 2 s warm-up), and prints
-answers/s, p50/p99 latency and non-2xx responses; then p50 at low load (1 connection). Everything
-runs on this machine, so wrk's own CPU is part of what the cores do: say so when you quote it.
+answers/s, p50/p99 latency and non-2xx responses; then p50 at low load (1 connection). Each
+configuration runs ``--repeats`` times, each with a fresh server; the table gives the median and the
+range (min–max) over them. Everything runs on this machine, so wrk's own CPU is part of what the cores
+do: say so when you quote it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,12 @@ def _wrk(port: int, script: Path, connections: int, seconds: float) -> dict[str,
     return result
 
 
+def _spread(runs: list[dict[str, float]], key: str, digits: int) -> str:
+    """median [min, max] of ``key`` over the runs."""
+    values = sorted(r[key] for r in runs)
+    return f"{statistics.median(values):.{digits}f} [{values[0]:.{digits}f}, {values[-1]:.{digits}f}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, required=True)
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, each a fresh server")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not on the PATH (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
@@ -79,20 +89,27 @@ def main(argv: list[str] | None = None) -> int:
         script = Path(tmp) / "post.lua"
         script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                           f"wrk.body = {json.dumps(body)}\n")
-        print(f"{'mode':12s} {'batch':>5s} {'answers/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'non-2xx':>8s} "
-              f"{'p50 ms at 1 conn':>17s}  socket errors", flush=True)
+        print(f"{args.repeats} runs per row: median [min, max]", flush=True)
+        print(f"{'mode':12s} {'batch':>5s} {'answers/s':>20s} {'p50 ms':>20s} {'p99 ms':>20s} {'non-2xx':>8s} "
+              f"{'p50 ms at 1 conn':>20s}  socket errors", flush=True)
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
-                proc, port = _start(args, mode, batch)
-                try:
-                    _wrk(port, script, args.connections, 2.0)  # warm-up: connections, JIT-free but caches
-                    loaded = _wrk(port, script, args.connections, args.seconds)
-                    light = _wrk(port, script, 1, min(args.seconds, 5.0))
-                finally:
-                    proc.send_signal(signal.SIGINT)
-                    proc.wait(timeout=60)
-                print(f"{mode:12s} {batch:5d} {loaded['answers_s']:10.0f} {loaded['p50_ms']:8.2f} {loaded['p99_ms']:8.2f} "
-                      f"{loaded['non_2xx']:8.0f} {light['p50_ms']:17.2f}  {loaded['socket_errors']}", flush=True)
+                runs = []
+                for _ in range(args.repeats):
+                    proc, port = _start(args, mode, batch)
+                    try:
+                        _wrk(port, script, args.connections, 2.0)  # warm-up
+                        loaded = _wrk(port, script, args.connections, args.seconds)
+                        loaded["light_p50_ms"] = _wrk(port, script, 1, min(args.seconds, 5.0))["p50_ms"]
+                        runs.append(loaded)
+                    finally:
+                        proc.send_signal(signal.SIGINT)
+                        proc.wait(timeout=60)
+
+                errors = {str(r["socket_errors"]) for r in runs}
+                print(f"{mode:12s} {batch:5d} {_spread(runs, 'answers_s', 0):>20s} {_spread(runs, 'p50_ms', 2):>20s} "
+                      f"{_spread(runs, 'p99_ms', 2):>20s} {sum(r['non_2xx'] for r in runs):8.0f} "
+                      f"{_spread(runs, 'light_p50_ms', 2):>20s}  {', '.join(sorted(errors))}", flush=True)
     return 0
 
 

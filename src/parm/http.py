@@ -361,11 +361,12 @@ _RETRY_AFTER = (b"retry-after", b"1")
 _CLOSE = (b"connection", b"close")
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False)  # NaN is not JSON: never sent
 
 
 def _dumps(obj: Any) -> bytes:
-    return _ENCODER.encode(obj).encode()
+    """JSON bytes via orjson (fast; a non-finite float, which answers never hold, would become null:
+    the body stays valid JSON either way)."""
+    return orjson.dumps(obj, default=str, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _error_body(type_: str, message: str, **extra: Any) -> bytes:
@@ -780,7 +781,7 @@ async def serve_http(app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, *,
     config = _uvicorn().Config(app, host=host, port=port, log_level="warning", access_log=False,
                                lifespan="on", log_config=None, interface="asgi3",
                                http=_http_protocol(limits.header_timeout_s, limits.max_connections),
-                               timeout_keep_alive=limits.keep_alive_s)
+                               timeout_keep_alive=limits.keep_alive_s, proxy_headers=False, server_header=False)
     server = _server_class()(config, on_ready)
     watcher = asyncio.create_task(_exit_when_set(stop, server)) if stop is not None else None
     try:
