@@ -62,34 +62,36 @@ def table(path: Path) -> str:
                                   f"{_ci(stats, f'gap_ratio_vs_{base}', unit='×')} | "
                                   f"{_ci(stats, f'median_ratio_vs_{base}', 3)} | "
                                   f"{_per_trial_ratios(p['modes'][base], stats)} |")
-    verdicts = ["", "| point | best ParM | better of equal and hedge | gap ratio | verdict | the other: gap ratio, verdict "
-                "| overall | ParM median / equal's |", "|---|---|---|---|---|---|---|---|"]
+    verdicts = ["", "| point " + _VERDICT_HEAD, "|---" + "|---" * 7 + "|"]
     for p in summary["points"]:
         best = best_against_better(p["modes"])
         if best is not None:
-            verdicts.append(f"| {p['point']['label']} | {best['parm']} | {best['baseline']} | "
-                            f"{format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='×')} | {best['verdict']} | "
-                            f"{_other(best)} | {best['overall']} | "
-                            f"{format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} |")
+            verdicts.append(f"| {p['point']['label']} {_verdict_cells(best)}")
     return "\n".join(lines + (ratios if len(ratios) > 3 else []) + (verdicts if len(verdicts) > 3 else []))
 
 
 def verdicts(paths: list[Path]) -> str:
     """One table over many runs: each point's best ParM variant against the better of
     Equal-Resources and hedging (``--verdicts DIR...``)."""
-    lines = ["| experiment | point | best ParM | better of equal and hedge | gap ratio | verdict | the other: gap ratio, "
-             "verdict | overall | ParM median / equal's |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | point " + _VERDICT_HEAD, "|---|---" + "|---" * 7 + "|"]
     for path in paths:
         summary = json.loads((path / "summary.json").read_text())
         for p in summary["points"]:
             best = best_against_better(p["modes"])
             if best is not None:
-                lines.append(f"| {summary['experiment']} ({summary['kind']}) | {p['point']['label']} | {best['parm']} | "
-                             f"{best['baseline']} | {format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='×')} "
-                             f"| {best['verdict']} | {_other(best)} | {best['overall']} | "
-                             f"{format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} |")
+                lines.append(f"| {summary['experiment']} ({summary['kind']}) | {p['point']['label']} {_verdict_cells(best)}")
     return "\n".join(lines)
+
+
+_VERDICT_HEAD = ("| best ParM | better of equal and hedge | gap ratio | verdict | the other: gap ratio, verdict | overall "
+                 "| ParM median / equal's |")
+
+
+def _verdict_cells(best: dict) -> str:
+    """The cells of one point's verdict row, from its best_against_better()."""
+    return (f"| {best['parm']} | {best['baseline']} | {format_with_interval(best['gap_ratio'], best['gap_ratio_ci'], unit='×')} "
+            f"| {best['verdict']} | {_other(best)} | {best['overall']} | "
+            f"{format_with_interval(best['median_vs_equal'], best['median_vs_equal_ci'], 3)} |")
 
 
 def _other(best: dict) -> str:

@@ -587,7 +587,7 @@ def _guarded(base: type) -> type:
             if len(self.connections) > self.max_connections:  # refuse before parsing anything
                 self._parm_timer = None
                 self._parm_cycle = None
-                _CONNECTION_LOG.refused()
+                _refused()
                 transport.write(_raw_response(503, "too_many_connections", f"more than {self.max_connections} "
                                               "open connections; retry later", retry_after=True))
                 transport.close()
@@ -658,40 +658,45 @@ def _raw_response(status: int, type_: str, message: str, *, retry_after: bool = 
                      b"connection: close\r\n\r\n", body])
 
 
-class _RefusalLog:
-    """Connections refused over the limit: one warning per 10 s with a count, not one per connection."""
+class _Throttle:
+    """Lets each key through at most once per ``every_s``; ``allow`` returns how many times it was
+    held back since it last went through (None: hold this one back). Every log line an attacker can
+    trigger at will goes through one, so none can fill the disk."""
 
     def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s, self.last_s, self.count = every_s, -math.inf, 0
+        self.every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}
 
-    def refused(self) -> None:
-        self.count += 1
+    def allow(self, key: str) -> int | None:
         now = time.monotonic()
-        if now - self.last_s >= self.every_s:
-            logger.warning("refused %d connection(s) over the connection limit (503) in the last %.0f s", self.count,
-                           min(now - self.last_s, self.every_s))
-            self.last_s, self.count = now, 0
+        last, held = self._last.get(key, (-math.inf, 0))
+        if now - last < self.every_s:
+            self._last[key] = (last, held + 1)
+            return None
+        self._last[key] = (now, 0)
+        return held
 
 
-_CONNECTION_LOG = _RefusalLog()
+_REFUSALS = _Throttle()  # connections refused over the limit: one warning per 10 s with a count
+
+
+def _refused() -> None:
+    held = _REFUSALS.allow("refused")
+    if held is not None:
+        logger.warning("refused %d connection(s) over the connection limit (503) in the last %.0f s", held + 1,
+                       _REFUSALS.every_s)
 
 
 class _OncePer(logging.Filter):
-    """A logging filter letting each distinct message through at most once per ``every_s`` (uvicorn
-    logs a warning per malformed request: an attacker must not be able to fill the disk)."""
+    """A logging filter letting each distinct message through at most once per 10 s (uvicorn logs a
+    warning per malformed request)."""
 
-    def __init__(self, every_s: float = 10.0) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
+        self.throttle = _Throttle()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}:{record.msg}"[:120]
-        now = time.monotonic()
-        if now - self._last.get(key, -math.inf) < self.every_s:
-            return False
-        self._last[key] = now
-        return True
+        return self.throttle.allow(f"{record.name}:{record.msg}"[:120]) is not None
 
 
 def _http_protocol(header_timeout_s: float, max_connections: int) -> type:
@@ -712,24 +717,20 @@ def _http_protocol(header_timeout_s: float, max_connections: int) -> type:
 
 
 class _RateLimitedLog:
-    """The event loop's exception handler, but repeated messages (``accept()`` failing for want of
-    file descriptors, thousands of times a second) are logged once per ``every_s`` with a count."""
+    """The event loop's exception handler, but a repeated message (``accept()`` failing for want of
+    file descriptors, thousands of times a second) is logged once per 10 s with a count."""
 
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s = every_s
-        self._last: dict[str, tuple[float, int]] = {}
+    def __init__(self) -> None:
+        self.throttle = _Throttle()
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         key = str(context.get("message", ""))[:80]
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (-math.inf, 0))
-        if now - last < self.every_s:
-            self._last[key] = (last, suppressed + 1)
+        held = self.throttle.allow(key)
+        if held is None:
             return
-        self._last[key] = (now, 0)
         exc = context.get("exception")
         logger.error("%s%s%s", key, f": {exc!r}" if exc else "",
-                     f" ({suppressed} more like it in the last {self.every_s:.0f} s)" if suppressed else "")
+                     f" ({held} more like it in the last {self.throttle.every_s:.0f} s)" if held else "")
 
 
 @functools.cache

@@ -117,17 +117,18 @@ def _exchange(port: int, raw: bytes, timeout_s: float = 10.0) -> tuple[int, dict
                 break
             data += chunk
             head, sep, rest = data.partition(b"\r\n\r\n")
-            if sep:
-                headers = {k.strip().lower(): v.strip() for k, _, v in
-                           (line.decode("latin-1").partition(":") for line in head.split(b"\r\n")[1:])}
-                if len(rest) >= int(headers.get("content-length", "0")):
-                    break
+            if sep and len(rest) >= int(_headers(head).get("content-length", "0")):
+                break
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 "), f"no HTTP response: {data[:200]!r}"
-    status = int(head.split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in
-               (line.decode("latin-1").partition(":") for line in head.split(b"\r\n")[1:])}
-    return status, headers, body[: int(headers.get("content-length", len(body)))]
+    headers = _headers(head)
+    return int(head.split()[1]), headers, body[: int(headers.get("content-length", len(body)))]
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    """The header fields of a response head (status line first), names lower-cased."""
+    return {k.strip().lower(): v.strip() for k, _, v in
+            (line.decode("latin-1").partition(":") for line in head.split(b"\r\n")[1:])}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
 from parm.errors import InstanceFailedError
+from processes import alive
 
 SHAPE = (4,)
 
@@ -149,19 +150,12 @@ def test_a_stalled_worker_dies_with_its_frontend_even_on_sigkill() -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(worker):
+        while time.monotonic() < deadline and alive(worker):
             time.sleep(0.05)
-        assert not _alive(worker), f"worker {worker} outlived its SIGKILLed frontend"
+        assert not alive(worker), f"worker {worker} outlived its SIGKILLed frontend"
     finally:
         proc.kill()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_the_restart_delay_doubles_from_a_tenth_of_a_second_to_ten() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,32 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from processes import alive, descendants
+
 SHAPE = (1, 28, 28)
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _start_server(args: list[str], timeout_s: float = 120) -> tuple[subprocess.Popen, int]:
@@ -144,15 +120,15 @@ def test_crash_mid_traffic_loses_nothing_then_metrics_and_health(server) -> None
 
 def test_ctrl_c_stops_cleanly_without_orphans(server) -> None:
     proc, port = server
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     assert len(family) >= 3  # forkserver and the instances
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
     assert "stopped" in proc.stdout.read()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in family):
+    while time.monotonic() < deadline and any(alive(p) for p in family):
         time.sleep(0.1)
-    assert not [p for p in family if _alive(p)]
+    assert not [p for p in family if alive(p)]
 
 
 @pytest.mark.ray
@@ -170,15 +146,15 @@ def test_serve_on_ray_same_http_api_then_ctrl_c_removes_everything(tiny_checkpoi
         assert _request(port, "POST", "/v1/predict", b"{not json")[0] == 400
         status, _, health = _request(port, "GET", "/healthz")
         assert status == 200 and [i["role"] for i in json.loads(health)["instances"]] == ["data", "data", "parity"]
-        family = _descendants(proc.pid)
+        family = descendants(proc.pid)
         assert any("raylet" in _cmdline(p) for p in family), "no local Ray cluster under the server"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
         assert "stopped" in proc.stdout.read()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_alive(p) for p in family):
+        while time.monotonic() < deadline and any(alive(p) for p in family):
             time.sleep(0.2)
-        assert not [(p, _cmdline(p)) for p in family if _alive(p)]
+        assert not [(p, _cmdline(p)) for p in family if alive(p)]
     finally:
         if proc.poll() is None:
             proc.kill()
