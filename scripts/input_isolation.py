@@ -6,9 +6,10 @@ client B's reconstructed answers?
 Serves mode coded (m = 2, k = 2) with data instance 0 a straggler (10x slower), so many of client
 B's batches are reconstructed. Client B sends test images prepared as the model expects; client
 A, interleaved query by query, sends other test images' raw 0..255 pixels. Prints, for B alone, B
-beside A with the input envelope (default), and B beside A with ``--input-envelope off``: how many of
-B's answers were reconstructed and how many of those agree with the deployed model's own answer;
-and how A was answered. Also prints how many test images lie outside the envelope.
+beside A with the input envelope (default), B beside A with ``--input-envelope off``, and B beside A
+with the envelope off but tenant grouping on (A and B are two tenants): how many of B's answers were
+reconstructed and how many of those agree with the deployed model's own answer; and how A was answered.
+Also prints how many test images lie outside the envelope.
 """
 
 from __future__ import annotations
@@ -22,21 +23,21 @@ import torch
 
 
 async def _run(base: Path, parity: Path, action: str, good: torch.Tensor, bad: torch.Tensor | None,
-               rate: float) -> tuple[list, list]:
+               rate: float, tenants: bool) -> tuple[list, list]:
     from parm.faults import parse_fault_spec
     from parm.system import build_system, resolve_system
 
     spec = resolve_system(base, parity=parity, mode="coded", instances=2, emulated_ms=2.0,
                           faults=parse_fault_spec("straggler:instance=0,factor=10"),
-                          serving={"input_envelope": action})
+                          serving={"input_envelope": action, "tenant_header": "x-api-key" if tenants else ""})
     frontend = build_system(spec)
     await frontend.start()
     try:
         futures_good, futures_bad = [], []
         for i in range(len(good)):
             if bad is not None:
-                futures_bad.append(frontend.submit(bad[i]))
-            futures_good.append(frontend.submit(good[i]))
+                futures_bad.append(frontend.submit(bad[i], tenant="a"))
+            futures_good.append(frontend.submit(good[i], tenant="b"))
             await asyncio.sleep(1 / rate)
         return (await asyncio.gather(*futures_good, return_exceptions=True),
                 await asyncio.gather(*futures_bad, return_exceptions=True))
@@ -71,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     good, raw = images[:n], test.images[:n].to(torch.float32).roll(1, dims=0)
     with torch.inference_mode():
         want = model(good).argmax(-1)
-    for name, action, bad in (("B alone", "uncoded", None), ("B beside A, envelope on", "uncoded", raw),
-                              ("B beside A, --input-envelope off", "off", raw)):
-        answers, bad_answers = asyncio.run(_run(args.base, args.parity, action, good, bad, args.rate))
+    for name, action, bad, tenants in (("B alone", "uncoded", None, False),
+                                       ("B beside A, envelope on", "uncoded", raw, False),
+                                       ("B beside A, --input-envelope off", "off", raw, False),
+                                       ("B beside A, envelope off, tenants", "off", raw, True)):
+        answers, bad_answers = asyncio.run(_run(args.base, args.parity, action, good, bad, args.rate, tenants))
         recon = [i for i, a in enumerate(answers) if isinstance(a, Prediction) and a.source is Source.RECONSTRUCTED]
         agree = sum(answers[i].label == int(want[i]) for i in recon) / max(len(recon), 1)
         failed = sum(not isinstance(a, Prediction) for a in answers)

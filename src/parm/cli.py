@@ -332,6 +332,9 @@ _SERVING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--input-envelope", "input_envelope", str,
      "coded modes: a query outside the parity model's input envelope is served uncoded (outside every coding "
      "group), refused with 422 (reject), or coded anyway (off) (default: {})"),
+    ("--tenant-header", "tenant_header", str,
+     "coded modes: requests with different values of this HTTP header (e.g. x-api-key) are never coded "
+     "together (default: '{}', off)"),
 )
 
 

@@ -22,6 +22,9 @@ anything else              500 with a generic message; the traceback is logged
 unknown path / method      404 / 405 (with ``Allow``)
 =========================  ======================================================
 
+With a tenant header configured (``tenant_header``), its value names the request's tenant; a
+repeated header or a value over MAX_TENANT_BYTES gets 400.
+
 Refusals are counted in ``metrics.rejected`` by reason: ``bad_query`` and ``overloaded`` count the
 request's queries when they were parsed (else 1), ``body_too_large`` counts 1 per request.
 A client that disconnects while its queries are being answered is not an error: the answer is
@@ -61,6 +64,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DRAIN_BYTES = 64 * 1024 * 1024  # a too-large body up to this is read away before its 413 (see _drain)
+MAX_TENANT_BYTES = 256  # a longer tenant header value gets 400
 MAX_HEADER_BYTES = 64 * 1024  # a request line and headers larger than this get 431 and the connection closes
 _ARRAY_COMMAS = 4096  # a body with more commas than this is JSON number lists, not the base64 form
 _OFFLOAD_BODY_BYTES = 256 * 1024  # parse bodies larger than this in a thread, off the shared event loop
@@ -378,8 +382,9 @@ class _App:
     """The ASGI callable: routes, reads bodies within limits, maps errors to statuses."""
 
     def __init__(self, service: PredictService, metrics: ServingMetrics, limits: HttpLimits,
-                 recorder: InputRecorder | None = None) -> None:
+                 recorder: InputRecorder | None = None, tenant_header: str = "") -> None:
         self._recorder = recorder
+        self._tenant_header = tenant_header.lower().encode("latin-1")
         self._service = service
         self._metrics = metrics
         self._limits = limits
@@ -443,6 +448,7 @@ class _App:
             self._rejected_overload.inc()
             raise _HttpError(429, "overloaded", "the server holds as many pending queries as it may; retry later",
                              [_RETRY_AFTER, _CLOSE])
+        tenant = self._tenant(scope) if self._tenant_header else None
         body = await self._read_body(scope, receive)
         n = 1
         try:
@@ -450,7 +456,10 @@ class _App:
             n = queries.shape[0]
             if self._recorder is not None:
                 self._recorder.offer(queries)
-            predictions = await self._service.predict(queries)
+            if tenant is None:
+                predictions = await self._service.predict(queries)
+            else:  # coding groups never mix tenants
+                predictions = await self._service.predict(queries, tenant=tenant)
         except BadQueryError:
             self._rejected_bad.inc(n)
             raise
@@ -460,6 +469,17 @@ class _App:
         if len(predictions) != n:
             raise RuntimeError(f"service answered {len(predictions)} predictions for {n} queries")
         return 200, _JSON_HEADERS, _dumps({"outputs": [p.to_json() for p in predictions]})
+
+    def _tenant(self, scope: Scope) -> str:
+        """The request's tenant: the value of the tenant header ("" when absent)."""
+        values = [v for k, v in scope["headers"] if k == self._tenant_header]
+        if not values:
+            return ""
+        if len(values) > 1 or len(values[0]) > MAX_TENANT_BYTES:
+            self._rejected_bad.inc()
+            raise _HttpError(400, "bad_tenant", f"the {self._tenant_header.decode()} header names the tenant whose "
+                             f"queries may be coded together: send it once, at most {MAX_TENANT_BYTES} bytes")
+        return values[0].decode("latin-1")
 
     async def _parse(self, body: bytes) -> torch.Tensor:
         shape = tuple(self._service.query_shape)
@@ -555,10 +575,12 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 def make_app(service: PredictService, metrics: ServingMetrics, limits: HttpLimits = HttpLimits(), *,
-             recorder: InputRecorder | None = None) -> ASGIApp:
+             recorder: InputRecorder | None = None, tenant_header: str = "") -> ASGIApp:
     """The ASGI app serving ``service``: POST /v1/predict, GET /healthz, GET /metrics (see module
-    docstring). With ``recorder``, a sample of the inputs of valid predict requests is recorded."""
-    return _App(service, metrics, limits, recorder)
+    docstring). With ``recorder``, a sample of the inputs of valid predict requests is recorded.
+    With ``tenant_header``, each request's value of that header is passed to ``predict`` as its
+    tenant (coding groups never mix tenants)."""
+    return _App(service, metrics, limits, recorder, tenant_header)
 
 
 # -------------------------------------------------------------------------------------------- server

@@ -313,7 +313,8 @@ async def run_server(spec: SystemSpec, host: str, port: int, *, on_ready: Callab
     recorder = InputRecorder(record) if record is not None else None
     try:
         limits = limits or HttpLimits()
-        app = make_app(frontend, frontend.metrics, limits, recorder=recorder)
+        app = make_app(frontend, frontend.metrics, limits, recorder=recorder,
+                       tenant_header=spec.serving.tenant_header)
         await serve_http(app, host, port, on_ready=on_ready, stop=stop, limits=limits)
     finally:
         if recorder is not None:

@@ -43,7 +43,7 @@ class FakeService:
     hold: threading.Event | None = None  # when given, predict waits (off-loop) until it is set
     entered: threading.Event = field(default_factory=threading.Event)
 
-    async def predict(self, queries: torch.Tensor) -> list[Prediction]:
+    async def predict(self, queries: torch.Tensor, *, tenant: str | None = None) -> list[Prediction]:
         self.entered.set()
         if self.hold is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.hold.wait, 10.0)

@@ -40,16 +40,18 @@ def _start_server(args: list[str], timeout_s: float = 120) -> tuple[subprocess.P
 def server(tiny_checkpoints: tuple[Path, Path]):
     base, parity = tiny_checkpoints
     proc, port = _start_server(["--base", str(base), "--parity", str(parity), "--instances", "2", "--mode", "coded",
-                                "--max-pending", "64", "--faults", "crash:instance=1,at_s=4"])
+                                "--max-pending", "64", "--faults", "crash:instance=1,at_s=4",
+                                "--tenant-header", "x-api-key"])
     yield proc, port
     if proc.poll() is None:
         proc.kill()
 
 
-def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict, bytes]:
+def _request(port: int, method: str, path: str, body: bytes | None = None,
+             headers: dict | None = None) -> tuple[int, dict, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:
@@ -90,6 +92,30 @@ def test_bad_input_is_refused_and_server_keeps_serving(server, body: bytes, stat
     assert got == status, raw
     assert words.lower() in json.loads(raw)["error"]["message"].lower()
     assert _predict(port, {"inputs": [[0.0] * 784]})[0] == 200
+
+
+def test_tenants_are_served_and_a_repeated_tenant_header_is_refused(server) -> None:
+    """--tenant-header x-api-key: requests of two tenants at once are answered (their coding groups
+    are kept apart: tests/unit/test_input_isolation.py); a request naming two tenants is a 400."""
+    import concurrent.futures
+
+    _, port = server
+    body = json.dumps({"inputs": np.zeros((2, 784)).tolist()}).encode()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda t: _request(port, "POST", "/v1/predict", body, {"X-Api-Key": t})[0],
+                                 ["alice", "bob"] * 10))
+    assert statuses == [200] * 20
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("POST", "/v1/predict")
+        for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                            ("X-Api-Key", "alice"), ("X-Api-Key", "bob")):
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        assert response.status == 400 and json.loads(response.read())["error"]["type"] == "bad_tenant"
+    finally:
+        conn.close()
 
 
 def test_a_request_larger_than_max_pending_is_413_not_retry_later(server) -> None:

@@ -237,9 +237,11 @@ class FakeService:
     gate: asyncio.Event | None = None  # when set, predict waits for it
     metrics: ServingMetrics | None = None
     calls: list[torch.Tensor] = field(default_factory=list)
+    tenants: list[str | None] = field(default_factory=list)
 
-    async def predict(self, queries: torch.Tensor) -> list[Prediction]:
+    async def predict(self, queries: torch.Tensor, *, tenant: str | None = None) -> list[Prediction]:
         self.calls.append(queries)
+        self.tenants.append(tenant)
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_with is not None:
@@ -327,6 +329,22 @@ def test_predict_lists(setup) -> None:
     assert [o["scores"] for o in outputs] == [Q0[:3], Q1[:3]]
     assert outputs[0] == {"class": 2, "scores": Q0[:3], "source": "original", "latency_ms": 1.235}
     assert service.calls[-1].shape == (2, *SHAPE) and service.calls[-1].dtype == torch.float32
+
+
+def test_the_tenant_header_names_the_requests_tenant_only_when_configured(setup) -> None:
+    app, service, metrics = setup
+    assert predict(app, [Q0], headers=[(b"x-api-key", b"alice")]).status == 200
+    assert service.tenants[-1] is None  # not configured: nobody's header is read
+    app = make_app(service, metrics, HttpLimits(), tenant_header="X-Api-Key")
+    assert predict(app, [Q0], headers=[(b"x-api-key", b"alice")]).status == 200
+    assert predict(app, [Q0]).status == 200
+    assert service.tenants[-2:] == ["alice", ""]  # no header: the tenant ""
+    calls = len(service.calls)
+    for headers in ([(b"x-api-key", b"a"), (b"x-api-key", b"b")], [(b"x-api-key", b"x" * 257)]):
+        r = predict(app, [Q0], headers=headers)
+        assert r.status == 400 and r.json()["error"]["type"] == "bad_tenant"
+        assert "x-api-key header" in r.json()["error"]["message"]
+    assert len(service.calls) == calls and rejected_count(metrics, "bad_query") == 2
 
 
 def test_predict_base64_in_chunks(setup) -> None:

@@ -18,7 +18,7 @@ from parm.backends.base import InstanceSpec, ModelRef
 from parm.checkpoint import ENVELOPE_FILE, load_checkpoint, load_envelope, save_envelope
 from parm.coding import InputEnvelope
 from parm.data import load_dataset
-from parm.errors import BadQueryError, CheckpointError, ModelFailedError
+from parm.errors import BadQueryError, CheckpointError, ConfigError, ModelFailedError
 from parm.serving.config import ServingConfig, instance_roles
 from parm.serving.frontend import Frontend
 from parm.serving.types import Prediction, Source
@@ -150,32 +150,78 @@ def test_without_an_envelope_a_non_finite_input_fails_alone_and_its_partner_gets
     run_virtual(main())
 
 
+# ---- tenant grouping: coding groups never mix tenants ------------------------------------------------
+def test_with_tenant_grouping_no_coding_group_or_batch_mixes_tenants() -> None:
+    """The envelope is off (every input is coded): tenant A's inputs are 100 + x, B's x in [0, 1),
+    so a parity query (the sum of a group's members) shows whose inputs it holds."""
+    async def main() -> None:
+        frontend, backend = build("off", tenant_header="x-api-key", batch_size=2, group_wait_ms=5.0)
+        await frontend.start()
+        try:
+            futures = []
+            for i in range(12):  # interleaved one by one, with an odd count left for each tenant
+                futures.append(frontend.submit(normal(1, seed=20 + i)[0] + 100, tenant="a"))
+                futures.append(frontend.submit(normal(1, seed=40 + i)[0], tenant="b"))
+            futures.append(frontend.submit(normal(1, seed=60)[0]))  # no tenant: the tenant "", alone
+            answers = await asyncio.wait_for(asyncio.gather(*futures), 5.0)
+            assert frontend.batcher.lanes() == 0 and len(frontend.policy.tracker) == 0  # nothing left behind
+        finally:
+            await frontend.stop()
+        assert all(isinstance(a, Prediction) for a in answers)
+        parities = backend.sends_to("parity")
+        assert parities
+        for sent in parities:  # each row sums one group's members: A's (>= 100 each) or B's (< 1 each), never both
+            for row in sent.inputs:
+                assert float(row.min()) >= 100 or float(row.max()) < 2, float(row.max())
+        for sent in backend.sends_to("data"):  # batches of one tenant only (a zero pad row is anyone's)
+            rows = [r for r in sent.inputs if float(r.abs().max()) > 0]
+            assert all(float(r.min()) >= 100 for r in rows) or all(float(r.max()) < 1 for r in rows)
+    run_virtual(main())
+
+
+def test_tenant_grouping_is_off_by_default_and_in_uncoded_modes() -> None:
+    async def main() -> None:
+        frontend, backend = build("off", batch_size=2)
+        await frontend.start()
+        try:
+            await asyncio.gather(frontend.submit(normal(1)[0] + 100, tenant="a"), frontend.submit(normal(1)[0], tenant="b"))
+        finally:
+            await frontend.stop()
+        (sent,) = [s for s in backend.sends_to("data") if bool(s.inputs.any())]  # (not the F(0) probe)
+        # one batch holds both tenants' queries
+        assert float(sent.inputs[0].min()) >= 100 and float(sent.inputs[1].max()) < 1
+    run_virtual(main())
+    with pytest.raises(ConfigError, match="tenant_header must be an HTTP header name"):
+        ServingConfig(query_shape=S, tenant_header="X Api Key")
+
+
 # ---- the bar: another client's reconstructions are unchanged -------------------------------------------
-def _mnist_frontend(base: Path, parity: Path, action: str) -> tuple[Frontend, FakeBackend]:
+def _mnist_frontend(base: Path, parity: Path, action: str, tenants: bool = False) -> tuple[Frontend, FakeBackend]:
     record = load_checkpoint(base)[1]
     specs = [InstanceSpec(0, "data", ModelRef(checkpoint=str(base))), InstanceSpec(1, "data", ModelRef(checkpoint=str(base))),
              InstanceSpec(2, "parity", ModelRef(checkpoint=str(parity)))]
     backend = FakeBackend(specs, delay_s=0.005)
     backend.set_delay(0, 0.05)  # a straggler: batches it holds are reconstructed
-    serving = ServingConfig(query_shape=record.in_shape, mode="coded", k=2, input_envelope=action)
+    serving = ServingConfig(query_shape=record.in_shape, mode="coded", k=2, input_envelope=action,
+                            tenant_header="x-api-key" if tenants else "")
     return Frontend(serving, backend, clock=loop_time, envelope=load_envelope(parity, record.in_shape)), backend
 
 
 def _agreement_of_reconstructions(base: Path, parity: Path, action: str, good: torch.Tensor,
-                                  bad: torch.Tensor | None) -> tuple[float, int, set]:
+                                  bad: torch.Tensor | None, tenants: bool = False) -> tuple[float, int, set]:
     model = load_checkpoint(base)[0]
     with torch.inference_mode():
         want = model(good).argmax(-1)
 
     async def main() -> tuple[list, list]:
-        frontend, _ = _mnist_frontend(base, parity, action)
+        frontend, _ = _mnist_frontend(base, parity, action, tenants)
         await frontend.start()
         try:
             futures_good, futures_bad = [], []
             for i in range(len(good)):
                 if bad is not None:
-                    futures_bad.append(frontend.submit(bad[i]))
-                futures_good.append(frontend.submit(good[i]))
+                    futures_bad.append(frontend.submit(bad[i], tenant="a"))
+                futures_good.append(frontend.submit(good[i], tenant="b"))
                 await asyncio.sleep(0.004)  # 250 client-B queries/s
             return (await asyncio.gather(*futures_good, return_exceptions=True),
                     await asyncio.gather(*futures_bad, return_exceptions=True))
@@ -200,9 +246,12 @@ def test_a_clients_unnormalised_inputs_leave_another_clients_reconstructions_unc
     alone, n_alone, _ = _agreement_of_reconstructions(base, parity, "uncoded", good, None)
     guarded, n_guarded, bad_sources = _agreement_of_reconstructions(base, parity, "uncoded", good, raw)
     exposed, n_exposed, _ = _agreement_of_reconstructions(base, parity, "off", good, raw)
-    assert min(n_alone, n_guarded, n_exposed) >= 30, (n_alone, n_guarded, n_exposed)
+    apart, n_apart, _ = _agreement_of_reconstructions(base, parity, "off", good, raw, tenants=True)
+    assert min(n_alone, n_guarded, n_exposed, n_apart) >= 30, (n_alone, n_guarded, n_exposed, n_apart)
     assert bad_sources == {Source.ORIGINAL}  # client A is answered, uncoded
-    # within noise of client B alone (binomial sd over >= 30 reconstructions is <= 0.09) ...
+    # within noise of client B alone (binomial sd over >= 30 reconstructions is <= 0.09), with the
+    # envelope, or with tenant grouping alone (A and B two tenants, envelope off) ...
     assert guarded >= alone - 0.15, (alone, guarded)
+    assert apart >= alone - 0.15, (alone, apart)
     # ... while without the envelope client A's inputs wreck them (which is what the test guards)
     assert exposed < alone - 0.3, (alone, exposed)

@@ -189,3 +189,15 @@ def test_duplicate_add_is_refused() -> None:
     tracker.add(1)
     with pytest.raises(ValueError, match="already tracked"):
         tracker.add(1)
+
+
+def test_each_pool_has_its_own_open_group() -> None:
+    """Tenant grouping: members of a group all come from one pool, and pools close apart."""
+    tracker = GroupTracker(CodeConfig(k=2), clock=lambda: 0.0)
+    assert tracker.add(0, "a") == (0, 0, False)
+    assert tracker.add(1, "b") == (1, 0, False)
+    assert tracker.add(2, "a") == (0, 1, True)  # a's group is full; b's is still open
+    assert tracker.open_group("a") is None and tracker.open_group("b") == 1
+    assert tracker.close(torch.zeros(1, 3), "a") is None
+    assert tracker.close(torch.zeros(1, 3), "b") == (1, [1])
+    assert tracker.add(3) == (2, 0, False)  # the pool None is a pool like any other

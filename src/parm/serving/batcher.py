@@ -2,14 +2,17 @@
 ``batch_wait_ms`` otherwise (zero-padded up to ``batch_size``, so every instance always sees
 the same input shape).
 
-Queries that must not be coded (outside the parity model's input envelope) are batched in a
-lane of their own: a batch is either all coded or all uncoded (``Batch.coded``), so such a
-query never shares a batch, and hence a coding group, with anyone else's."""
+Queries are batched in lanes, and a batch never mixes lanes. A lane is (coded, pool): queries
+that must not be coded (outside the parity model's input envelope) have lanes of their own
+(``Batch.coded`` False), so such a query never shares a batch, and hence a coding group, with
+anyone else's; with tenant grouping on, each tenant is a pool of its own (``Batch.pool``), so one
+tenant's queries never share a batch with another's (the coded policy keeps pools apart in its
+groups too). A lane exists only while it holds queries: their number bounds the lanes."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +28,17 @@ class Batch:
     arrivals_s: list[float]
     created_s: float
     coded: bool = True  # False: served outside every coding group
+    pool: Hashable = None  # who may share its coding group (tenant grouping); None: anyone
     answered: bool = False
     timers: list[asyncio.TimerHandle] = field(default_factory=list)  # cancelled when the batch is settled
+
+
+class _Lane:
+    __slots__ = ("pending", "timer")
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, asyncio.Future, float]] = []
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class Batcher:
@@ -39,48 +51,57 @@ class Batcher:
         self.query_shape = query_shape
         self.clock = clock
         self.on_batch = on_batch
-        self._pending: dict[bool, list[tuple[torch.Tensor, asyncio.Future, float]]] = {True: [], False: []}
-        self._timers: dict[bool, asyncio.TimerHandle | None] = {True: None, False: None}
+        self._lanes: dict[tuple[bool, Hashable], _Lane] = {}
         self._next_id = 0
 
-    def add(self, query: torch.Tensor, future: asyncio.Future, *, coded: bool = True) -> None:
+    def add(self, query: torch.Tensor, future: asyncio.Future, *, coded: bool = True, pool: Hashable = None) -> None:
         """Queue one query (*S) in its lane; its batch forms now if full, else within ``wait_s``."""
-        pending = self._pending[coded]
-        pending.append((query, future, self.clock()))
-        if len(pending) >= self.batch_size:
-            self.flush(coded)
-        elif self._timers[coded] is None:
-            self._timers[coded] = asyncio.get_running_loop().call_later(self.wait_s, self.flush, coded)
+        key = (coded, pool)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        lane.pending.append((query, future, self.clock()))
+        if len(lane.pending) >= self.batch_size:
+            self.flush(coded, pool)
+        elif lane.timer is None:
+            lane.timer = asyncio.get_running_loop().call_later(self.wait_s, self.flush, coded, pool)
 
-    def flush(self, coded: bool = True) -> None:
+    def lanes(self) -> int:
+        """Lanes holding queries now."""
+        return len(self._lanes)
+
+    def flush(self, coded: bool = True, pool: Hashable = None) -> None:
         """Form every full batch of the lane, and the partial one if its first query waited ``wait_s``."""
-        timer = self._timers[coded]
-        if timer is not None:
-            timer.cancel()
-            self._timers[coded] = None
-        while self._pending[coded]:
-            pending = self._pending[coded]
-            taken, self._pending[coded] = pending[: self.batch_size], pending[self.batch_size:]
+        key = (coded, pool)
+        lane = self._lanes.get(key)
+        if lane is None:
+            return
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+        while lane.pending:
+            taken, lane.pending = lane.pending[: self.batch_size], lane.pending[self.batch_size:]
             inputs = torch.stack([q for q, _, _ in taken])  # (n, *S)
             if len(taken) < self.batch_size:  # zero padding up to (B, *S)
                 inputs = torch.cat([inputs, inputs.new_zeros(self.batch_size - len(taken), *self.query_shape)])
             batch = Batch(self._next_id, inputs, [f for _, f, _ in taken], [t for _, _, t in taken], self.clock(),
-                          coded=coded)
+                          coded=coded, pool=pool)
             self._next_id += 1
             self.on_batch(batch)
-            if len(self._pending[coded]) < self.batch_size:
+            if len(lane.pending) < self.batch_size:
                 break
-        if self._pending[coded] and self._timers[coded] is None:
-            self._timers[coded] = asyncio.get_running_loop().call_later(self.wait_s, self.flush, coded)
+        if lane.pending:
+            if lane.timer is None:
+                lane.timer = asyncio.get_running_loop().call_later(self.wait_s, self.flush, coded, pool)
+        elif self._lanes.get(key) is lane:
+            del self._lanes[key]
 
     def drain(self) -> list[asyncio.Future]:
         """Stop: the futures of queries that never made it into a batch (the caller fails them)."""
         futures = []
-        for lane in (True, False):
-            timer = self._timers[lane]
-            if timer is not None:
-                timer.cancel()
-                self._timers[lane] = None
-            futures += [future for _, future, _ in self._pending[lane]]
-            self._pending[lane] = []
+        for lane in self._lanes.values():
+            if lane.timer is not None:
+                lane.timer.cancel()
+            futures += [future for _, future, _ in lane.pending]
+        self._lanes.clear()
         return futures

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ DISPATCH: tuple[str, ...] = ("shared", "round_robin")
 ENVELOPE_ACTIONS: tuple[str, ...] = ("uncoded", "reject", "off")
 """What coded modes do with a query outside the parity model's input envelope (parm.coding.envelope):
 serve it outside every coding group, refuse it (422), or code it anyway (no check)."""
+
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
 def parity_role(index: int) -> str:
@@ -85,6 +88,10 @@ class ServingConfig:
     # coding group, so it cannot reach other queries' reconstructions), refused ("reject", 422) or,
     # with "off", coded like any other
     input_envelope: str = "uncoded"
+    # coded modes: queries whose requests carry different values of this HTTP header (e.g. "x-api-key")
+    # never share a batch or a coding group, so one tenant's inputs never reach another's answers; a
+    # request without the header belongs to the tenant "". Empty: off (any queries are coded together).
+    tenant_header: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "query_shape", tuple(int(s) for s in self.query_shape))
@@ -103,6 +110,10 @@ class ServingConfig:
         if self.input_envelope not in ENVELOPE_ACTIONS:
             raise ConfigError(f"input_envelope must be one of {ENVELOPE_ACTIONS}; got {self.input_envelope!r}",
                               field="input_envelope", value=self.input_envelope)
+        name = self.tenant_header
+        if not isinstance(name, str) or (name and (name != name.strip().lower() or not _HEADER_NAME.fullmatch(name))):
+            raise ConfigError(f"tenant_header must be an HTTP header name in lower case (letters, digits, '-'), e.g. "
+                              f"'x-api-key'; got {name!r}", field="tenant_header", value=name)
         if not isinstance(self.hedge_on_parity, bool):
             raise ConfigError(f"hedge_on_parity must be true or false; got {self.hedge_on_parity!r}",
                               field="hedge_on_parity", value=self.hedge_on_parity)

@@ -63,6 +63,7 @@ class Frontend:
         self._stall_task: asyncio.Task | None = None
         self._unanswered = 0  # queries submitted and not yet answered or failed
         self._query_counters = {s: self.metrics.queries.labels(s.value) for s in Source}
+        self._by_tenant = bool(config.tenant_header) and config.mode in CODED_MODES  # groups never mix tenants
 
     @property
     def query_shape(self) -> tuple[int, ...]:
@@ -105,9 +106,11 @@ class Frontend:
     def pending_queries(self) -> int:
         return self._unanswered
 
-    def submit(self, query: torch.Tensor, *, inside: bool | None = None) -> asyncio.Future:
+    def submit(self, query: torch.Tensor, *, inside: bool | None = None, tenant: str | None = None) -> asyncio.Future:
         """Queue one query (*query_shape) float32; the future resolves to a Prediction. ``inside``:
-        whether it lies inside the input envelope, when the caller already checked (``predict``)."""
+        whether it lies inside the input envelope, when the caller already checked (``predict``).
+        ``tenant``: who sent it; with ``tenant_header`` set in a coded mode, queries of different
+        tenants never share a batch or a coding group (None counts as the tenant "")."""
         if tuple(query.shape) != self.query_shape:
             raise BadQueryError(f"query has shape {list(query.shape)}; expected {list(self.query_shape)}",
                                 field="inputs")
@@ -122,7 +125,8 @@ class Frontend:
                 coded = self._outside_envelope(1)
         future = self._loop.create_future()
         self._unanswered += 1
-        self.batcher.add(query.to(torch.float32), future, coded=coded)
+        pool = (tenant or "") if self._by_tenant else None
+        self.batcher.add(query.to(torch.float32), future, coded=coded, pool=pool)
         return future
 
     def _outside_envelope(self, n: int) -> bool:
@@ -144,8 +148,9 @@ class Frontend:
         """Whether new queries would be refused now (the HTTP edge asks before reading a body)."""
         return self.pending_queries() >= self.config.max_pending_queries
 
-    async def predict(self, queries: torch.Tensor) -> list[Prediction]:
-        """Answer a batch of queries (N, *query_shape) — all of them or, on overload, none."""
+    async def predict(self, queries: torch.Tensor, *, tenant: str | None = None) -> list[Prediction]:
+        """Answer a batch of queries (N, *query_shape) — all of them or, on overload, none
+        (``tenant``: see :meth:`submit`)."""
         if len(queries) > self.config.max_pending_queries:  # could never be admitted: not a retry-later
             raise BadQueryError(f"the request holds {len(queries)} queries but the server keeps at most "
                                 f"max_pending_queries={self.config.max_pending_queries} pending; send fewer per request",
@@ -153,12 +158,12 @@ class Frontend:
         if self.pending_queries() + len(queries) > self.config.max_pending_queries:
             raise self._overloaded(len(queries))  # counted by the caller (the HTTP edge)
         if self.envelope is None:
-            futures = [self.submit(q) for q in queries]
+            futures = [self.submit(q, tenant=tenant) for q in queries]
         else:  # one vectorised check for the whole request; a rejected request leaves nothing queued
             inside = self.envelope.contains(queries).tolist()
             if self.config.input_envelope == "reject" and not all(inside):
                 self._outside_envelope(len(inside) - sum(inside))
-            futures = [self.submit(q, inside=ok) for q, ok in zip(queries, inside)]
+            futures = [self.submit(q, inside=ok, tenant=tenant) for q, ok in zip(queries, inside)]
         return list(await asyncio.gather(*futures))
 
     def _on_batch(self, batch: Batch) -> None:

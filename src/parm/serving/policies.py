@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -224,7 +225,7 @@ class Coded(Policy):
         self.code = self.config.code
         self.tracker = GroupTracker(self.code, frontend.clock)
         self._group_inputs: dict[int, list[torch.Tensor]] = {}
-        self._group_timer: asyncio.TimerHandle | None = None
+        self._group_timers: dict[Hashable, asyncio.TimerHandle] = {}  # pool -> its open group's close timer
         self._filler: torch.Tensor | None = None
         self._parity_index = {parity_role(i): i for i in range(self.code.r)}
         self._formed_s: dict[int, float] = {}  # batch -> when it formed, until its original answers (bounded)
@@ -239,9 +240,9 @@ class Coded(Policy):
         self._filler = await self.fe.probe("data", zeros)  # F(0): output of the zero queries filling a group
 
     def stop(self) -> None:
-        if self._group_timer is not None:
-            self._group_timer.cancel()
-            self._group_timer = None
+        for timer in self._group_timers.values():
+            timer.cancel()
+        self._group_timers.clear()
 
     def group_of(self, batch_id: int) -> int | None:
         return self.tracker.group_of(batch_id)
@@ -251,7 +252,7 @@ class Coded(Policy):
             self._uncoded.add(batch.batch_id)
             Policy.on_batch(self, batch)
             return
-        group, _, full = self.tracker.add(batch.batch_id)
+        group, _, full = self.tracker.add(batch.batch_id, batch.pool)  # groups never mix pools (tenants)
         self._group_inputs.setdefault(group, []).append(batch.inputs)
         if self.config.reconstruct_percentile is not None:
             self._formed_s[batch.batch_id] = batch.created_s
@@ -259,22 +260,28 @@ class Coded(Policy):
                 del self._formed_s[next(iter(self._formed_s))]
         self.queue_data(batch, group=group)  # data batches are never held back for encoding
         if full:
+            self._cancel_timer(batch.pool)
             self._encode_group(group)
-        elif self._group_timer is None:
-            self._group_timer = asyncio.get_running_loop().call_later(self.config.group_wait_ms / 1e3,
-                                                                      self._close_group)
+        elif batch.pool not in self._group_timers:
+            self._group_timers[batch.pool] = asyncio.get_running_loop().call_later(
+                self.config.group_wait_ms / 1e3, self._close_group, batch.pool)
 
-    def _close_group(self) -> None:
-        self._group_timer = None
+    def _cancel_timer(self, pool: Hashable) -> None:
+        timer = self._group_timers.pop(pool, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _close_group(self, pool: Hashable) -> None:
+        self._group_timers.pop(pool, None)
         assert self._filler is not None
-        closed = self.tracker.close(self._filler)
+        gid = self.tracker.open_group(pool)
+        closed = self.tracker.close(self._filler, pool)
         if closed is not None:
             self._encode_group(closed[0])
-        else:
-            self._group_inputs.clear()  # the open group was fully answered before it closed: no parity
+        elif gid is not None:
+            self._group_inputs.pop(gid, None)  # the open group was fully answered before it closed: no parity
 
     def _encode_group(self, gid: int) -> None:
-        self.stop()
         members = self._group_inputs.pop(gid)
         members += [torch.zeros_like(members[0])] * (self.code.k - len(members))  # zero queries fill the group
         parity = encode(self.code, torch.stack(members, dim=1))  # k × (B, *S) -> (B, k, *S) -> (B, r, *S)

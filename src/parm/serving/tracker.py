@@ -6,7 +6,10 @@ its r parity batches. A group is *closed* when it has k members, or earlier when
 stops waiting for more (low load): the empty positions are then *filler* — zero queries whose
 outputs the frontend supplies (the known F(0)), so decoding works the same way.
 
-Events: ``add`` (a data batch joins the open group), ``close`` (no more members),
+Each *pool* (tenant grouping; ``None`` when off) has its own open group, so a group's members
+all come from one pool and no query reaches the answers of another pool's queries.
+
+Events: ``add`` (a data batch joins its pool's open group), ``close`` (no more members),
 ``on_output`` (a data batch's original output), ``on_parity`` (a parity output),
 ``on_failure`` (a data batch's instance died or stalled), ``on_parity_failure``, ``on_unusable``
 (a batch answered with an output unfit for decoding), ``expire`` (the query deadline passed).
@@ -33,7 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -90,42 +93,49 @@ class GroupTracker:
         self.clock = clock
         self._groups: dict[int, _Group] = {}
         self._where: dict[int, tuple[int, int]] = {}  # batch_id -> (gid, position)
-        self._open: _Group | None = None
+        self._open: dict[Hashable, _Group] = {}  # pool -> its open (not yet full) group
         self._next_gid = 0
         self.late_originals = 0
         self.reconstructions = 0
 
     # ---- membership ---------------------------------------------------------------------
-    def add(self, batch_id: int) -> tuple[int, int, bool]:
-        """Put a data batch in the open group: -> (gid, position, group_is_now_full)."""
+    def add(self, batch_id: int, pool: Hashable = None) -> tuple[int, int, bool]:
+        """Put a data batch in its pool's open group: -> (gid, position, group_is_now_full)."""
         if batch_id in self._where:
             raise ValueError(f"batch {batch_id} is already tracked")
-        if self._open is None:
-            self._open = _Group(self._next_gid, self.clock(), parity=[None] * self.code.r,
-                                parity_failed=[False] * self.code.r)
-            self._groups[self._next_gid] = self._open
+        group = self._open.get(pool)
+        if group is None:
+            group = self._open[pool] = _Group(self._next_gid, self.clock(), parity=[None] * self.code.r,
+                                              parity_failed=[False] * self.code.r)
+            self._groups[self._next_gid] = group
             self._next_gid += 1
-        group = self._open
         group.members.append(_Member(batch_id))
         self._where[batch_id] = (group.gid, len(group.members) - 1)
         full = len(group.members) == self.code.k
         if full:
-            group.closed, self._open = True, None
+            group.closed = True
+            del self._open[pool]
         return group.gid, len(group.members) - 1, full
 
-    def open_group_age_s(self) -> float | None:
-        """Seconds since the open (not yet full) group got its first member; None if none."""
-        return None if self._open is None else self.clock() - self._open.opened_s
+    def open_group_age_s(self, pool: Hashable = None) -> float | None:
+        """Seconds since the pool's open (not yet full) group got its first member; None if none."""
+        group = self._open.get(pool)
+        return None if group is None else self.clock() - group.opened_s
 
-    def close(self, filler: torch.Tensor) -> tuple[int, list[int]] | None:
-        """Close the open group early; ``filler`` (B, C) is the output of a zero query.
+    def open_group(self, pool: Hashable = None) -> int | None:
+        """The gid of the pool's open group, if it has one."""
+        group = self._open.get(pool)
+        return None if group is None else group.gid
+
+    def close(self, filler: torch.Tensor, pool: Hashable = None) -> tuple[int, list[int]] | None:
+        """Close the pool's open group early; ``filler`` (B, C) is the output of a zero query.
 
         Returns (gid, member batch ids) so the frontend can encode the partial group, or None.
         """
-        group = self._open
+        group = self._open.pop(pool, None)
         if group is None:
             return None
-        group.closed, group.filler, self._open = True, filler, None
+        group.closed, group.filler = True, filler
         if all(m.answered for m in group.members):  # nothing left to protect: no parity needed
             self._retire(group)
             return None

@@ -41,8 +41,9 @@ class PredictService(Protocol):
     def query_shape(self) -> tuple[int, ...]:
         """Shape of one query, e.g. (1, 28, 28)."""
 
-    async def predict(self, queries: torch.Tensor) -> list[Prediction]:
-        """Answer queries (N, *query_shape) float32; raises OverloadedError or DeadlineExceededError."""
+    async def predict(self, queries: torch.Tensor, *, tenant: str | None = None) -> list[Prediction]:
+        """Answer queries (N, *query_shape) float32 sent by ``tenant`` (None: unknown); raises
+        OverloadedError or DeadlineExceededError."""
 
     def health(self) -> dict[str, Any]:
         """{'ok': bool, 'instances': [{'id', 'role', 'zone', 'healthy', 'queued', 'in_flight'}...], ...}."""
