@@ -191,13 +191,21 @@ def load_record(directory: str | Path) -> ModelRecord:
     return ModelRecord.from_json(_read_record(Path(directory), RECORD_FILE), Path(directory) / RECORD_FILE)
 
 
+def build_record_model(record: ModelRecord) -> nn.Module:
+    """The untrained model a record describes: a parity model of the ``tiles`` code outputs
+    k·num_classes (a prediction per member) and is built knowing k."""
+    if record.kind == "parity" and record.encoder == "tiles" and record.k is not None:
+        return build_model(record.arch, record.in_shape, record.num_classes * record.k, k=record.k)
+    return build_model(record.arch, record.in_shape, record.num_classes)
+
+
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelRecord]:
     """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
     directory = Path(directory)
     data = _read_record(directory, RECORD_FILE)
     record = ModelRecord.from_json(data, directory / RECORD_FILE)  # field check before touching weights
     tensors = _read_weights(directory, RECORD_FILE, data)
-    model = build_model(record.arch, record.in_shape, record.num_classes)
+    model = build_record_model(record)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

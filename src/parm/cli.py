@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int, default=5000,
                    help="validation samples held out of the training split (default: 5000; parity training reuses it)")
+    p.add_argument("--normalise", choices=["dataset", "none"], default="dataset",
+                   help="inputs (x/255 - mean)/std with the training split's mean/std (dataset, default) or x/255 "
+                        "alone (none, as the ParM authors' models); recorded in the checkpoint")
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=_train_base)
@@ -163,7 +166,9 @@ def _parser() -> argparse.ArgumentParser:
                     "(to spread the R models over several machines).")
     p.add_argument("--base", type=Path, required=True, help="base checkpoint folder")
     p.add_argument("--k", type=int, required=True, help="queries per coding group")
-    p.add_argument("--encoder", default="add", help="add or concat (default: add)")
+    p.add_argument("--encoder", default="add",
+                   help="add (the paper's sum), concat (tiled downsampled images, sum target) or tiles (tiled "
+                        "images, a prediction per member: best at large k) (default: add)")
     p.add_argument("--r", type=int, default=1, help="parities per group (default: 1)")
     p.add_argument("--parity-index", type=int, default=None,
                    help="train only this one of the r parities, into --out itself (default: all r; "
@@ -172,12 +177,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="checkpoint folder (r > 1 without --parity-index: the folder of parity-<i> checkpoints)")
     p.add_argument("--recipe", default="default", choices=["default", "paper"],
                    help="default: init from base, one-cycle LR, 256 groups/step, 400 epochs; "
-                        "paper: from scratch, Adam 1e-3, 64 (k=2) or 32 groups/step, 500 epochs")
+                        "paper (the authors'): from scratch with their N(0, 0.01) init, Adam 1e-3, 64 (k=2) or 32 "
+                        "groups/step, 500 epochs")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--batch-groups", type=int, default=None, help="override the recipe's groups per step")
     p.add_argument("--lr", type=float, default=None, help="override the recipe's (peak) learning rate")
-    p.add_argument("--init", choices=["scratch", "base"], default=None, help="override the recipe's initialisation")
-    p.add_argument("--arch", default=None, help="parity model architecture (default: the base's)")
+    p.add_argument("--init", choices=["scratch", "base", "authors"], default=None,
+                   help="override the recipe's initialisation (authors: Linear N(0, 0.01), zero bias)")
+    p.add_argument("--arch", default=None,
+                   help="parity model architecture (default: the base's; tile-mlp for --encoder tiles)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None, help="base-output cache (default: ~/.cache/parm/outputs)")
     p.add_argument("--inputs", type=Path, default=None,
@@ -192,6 +200,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None,
                    help="write results here (one parity: an object; several: {'results': [...]})")
     p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--pairing", default="random", choices=["random", "consecutive"],
+                   help="test groups: a seeded random draw (default) or consecutive queries, as the ParM authors")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--inputs", type=Path, default=None,
                    help=_INPUTS_HELP + "; reports reconstruction accuracy (agreement with the deployed model) only")
@@ -525,7 +535,8 @@ def _train_base(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     optim = replace(optim, val_size=args.val_size, **overrides)
     record = train_base(args.dataset, args.model, args.out, optim=optim, data_root=args.data_root,
-                        download=args.download, progress=not args.no_progress, **_device_given(args))
+                        download=args.download, progress=not args.no_progress, normalise=args.normalise == "dataset",
+                        **_device_given(args))
     print(f"{record.arch} on {record.dataset}: test accuracy (A_a) {record.metrics['available_top1']:.4f}, "
           f"best epoch {record.metrics['best_epoch']}; saved to {args.out}")
     return 0
@@ -540,6 +551,8 @@ def _train_parity(args: argparse.Namespace) -> int:
 
     code = CodeConfig(k=args.k, r=args.r, encoder=args.encoder)
     optim, init = parity_recipe(args.recipe, args.k, args.epochs, args.seed)
+    if code.per_query and init == "base" and args.arch is None:
+        init = "scratch"  # the tiles code's tile-mlp has no base weights to start from
     overrides = {k: v for k, v in (("batch_size", args.batch_groups), ("lr", args.lr)) if v is not None}
     optim = replace(optim, **overrides)
     common: dict[str, Any] = dict(recipe=args.recipe, data_root=args.data_root, download=args.download,
@@ -603,7 +616,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     results = [r.to_json() for r in evaluate(args.base, args.parity, split=args.split, data_root=args.data_root,
                                              download=args.download, cache_dir=args.cache_dir, inputs=args.inputs,
-                                             **_device_given(args))]
+                                             pairing=args.pairing, **_device_given(args))]
     print(_table(results, ["dataset", "model", "k", "encoder", "available_top1", "degraded_top1",
                            "degraded_top5", "reconstruction_top1", "default_top1", "num_test_groups"]))
     if args.json:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from parm.backends import InstanceSpec, LocalBackend, ModelRef
@@ -121,11 +122,26 @@ def test_answers_are_exact_through_kill_for_linear_models() -> None:
         torch.testing.assert_close(pred.scores, want[index], rtol=1e-4, atol=1e-4)
 
 
-def test_served_reconstructions_equal_offline_decoder(tiny_checkpoints: tuple[Path, Path]) -> None:
-    """Same checkpoints, same groups: the serving path's decoded scores equal reconstruct_each's."""
+@pytest.fixture(scope="module")
+def tiles_parity(tiny_checkpoints: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """A k = 2 parity model of the tiles code (tile-mlp, a prediction per member), one epoch."""
+    from parm.training import OptimConfig, ParityConfig, train_parity
+
+    out = tmp_path_factory.mktemp("tiles") / "k2-tiles"
+    train_parity(tiny_checkpoints[0], out, ParityConfig(CodeConfig(k=2, encoder="tiles")),
+                 OptimConfig(epochs=1, batch_size=256, val_size=200), data_root=data_root, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("encoder", ["add", "tiles"])
+def test_served_reconstructions_equal_offline_decoder(tiny_checkpoints: tuple[Path, Path], encoder: str,
+                                                      request: pytest.FixtureRequest) -> None:
+    """Same checkpoints, same groups: the serving path's decoded scores equal reconstruct_each's
+    (addition code: subtraction; tiles code: the parity model's prediction of the member)."""
     from parm.checkpoint import load_checkpoint
 
-    base_dir, parity_dir = tiny_checkpoints
+    base_dir = tiny_checkpoints[0]
+    parity_dir = tiny_checkpoints[1] if encoder == "add" else request.getfixturevalue("tiles_parity")
     base_model, base = load_checkpoint(base_dir)
     parity_model, _ = load_checkpoint(parity_dir)
     roles = instance_roles("coded", 2, 2)
@@ -133,7 +149,8 @@ def test_served_reconstructions_equal_offline_decoder(tiny_checkpoints: tuple[Pa
              for i, r in enumerate(roles)]
     # instance 1 is always very slow, so its batches are answered by the decoder
     backend = LocalBackend(with_faults(specs, parse_fault_spec("delay:mean_ms=300,dist=const,instances=1")))
-    frontend = Frontend(ServingConfig(tuple(base.in_shape), mode="coded", k=2, stall_timeout_ms=5000), backend)
+    frontend = Frontend(ServingConfig(tuple(base.in_shape), mode="coded", k=2, encoder=encoder, stall_timeout_ms=5000),
+                        backend)
     torch.manual_seed(3)
     queries = torch.randn(40, *base.in_shape)
     got: dict[int, tuple[torch.Tensor, Source]] = {}  # batch size 1, sent in order: batch id == query index
@@ -149,7 +166,7 @@ def test_served_reconstructions_equal_offline_decoder(tiny_checkpoints: tuple[Pa
             await frontend.stop()
 
     asyncio.run(main())
-    code = CodeConfig(k=2)
+    code = CodeConfig(k=2, encoder=encoder)
     with torch.no_grad():
         groups = queries.view(-1, 2, *base.in_shape)  # (G, k, *S)
         offline = reconstruct_each(code, base_model(queries).view(-1, 2, base.num_classes),

@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
 
 
 def test_train_parity_and_eval(trained: Path, data_root: Path) -> None:
-    for k, encoder in ((2, "add"), (4, "concat")):
+    for k, encoder in ((2, "add"), (4, "concat"), (8, "tiles")):
         result = parm("train-parity", "--base", trained / "base", "--k", k, "--encoder", encoder,
                       "--out", trained / f"k{k}-{encoder}", "--epochs", "2", "--data-root", data_root,
                       "--no-progress", cwd=trained)
@@ -54,6 +54,13 @@ def test_train_parity_and_eval(trained: Path, data_root: Path) -> None:
     assert both.returncode == 0, both.stderr
     rows = json.loads((trained / "both.json").read_text())["results"]
     assert [(r["k"], r["encoder"]) for r in rows] == [(2, "add"), (4, "concat")]
+    tiles = parm("eval", "--base", trained / "base", "--parity", trained / "k8-tiles", "--pairing", "consecutive",
+                 "--json", trained / "tiles.json", "--data-root", data_root, cwd=trained)
+    assert tiles.returncode == 0, tiles.stderr
+    out = json.loads((trained / "tiles.json").read_text())
+    record = json.loads((trained / "k8-tiles" / "record.json").read_text())
+    assert (out["k"], out["encoder"], out["pairing"], record["arch"]) == (8, "tiles", "consecutive", "tile-mlp")
+    assert out["default_top1"] < out["degraded_top1"]  # two epochs of the tile MLP already beat a constant
 
 
 def test_rerun_resumes_instead_of_restarting(trained: Path, data_root: Path) -> None:
@@ -81,7 +88,7 @@ def test_parity_of_another_base_is_refused(trained: Path, data_root: Path, tmp_p
 @pytest.mark.parametrize(
     "args, message",
     [(["--k", "1"], "k must be an integer >= 2"),
-     (["--k", "5", "--encoder", "concat"], "concat encoder supports k in {2, 3, 4}; got k=5"),
+     (["--k", "5", "--r", "2", "--encoder", "concat"], "concat encoder supports r=1 only"),
      (["--k", "2", "--encoder", "xor"], "unknown encoder 'xor'")],
 )
 def test_bad_code_arguments(trained: Path, args: list[str], message: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parm.coding import CodeConfig, decode, encode, reconstruct_each
+from parm.coding import CodeConfig, concat_grid, decode, encode, reconstruct_each, subtract
 from parm.errors import ConfigError, ShapeError
 
 C, H, W, CLASSES = 2, 8, 6, 5
@@ -48,26 +48,26 @@ def test_add_code_is_exact_for_linear_model(k: int, r: int) -> None:
 
 
 def _pooled_linear(code: CodeConfig):
-    """A linear model that sees the image through the concat tile's block mean, and its exact parity model."""
-    block = (1, 2) if code.k == 2 else (2, 2)
-    th, tw = H // block[0], W // block[1]
+    """A linear model that sees the image through the concat tile's area mean, and its exact parity model."""
+    rows, cols = concat_grid(code.k)
+    th, tw = H // rows, W // cols
     weight, bias = _linear()
     v = weight[:, : C * th * tw]  # (classes, C*th*tw)
 
     def model(x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, classes)
-        return F.avg_pool2d(x, block).flatten(1) @ v.T + bias
+        return F.adaptive_avg_pool2d(x, (th, tw)).flatten(1) @ v.T + bias
 
     def parity_model(p: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, classes)
         out = code.k * bias.expand(p.shape[0], -1).clone()
         for j in range(code.k):
-            row, col = divmod(j, 2)
+            row, col = divmod(j, cols)
             out = out + p[:, :, row * th:(row + 1) * th, col * tw:(col + 1) * tw].flatten(1) @ v.T
         return out
 
     return model, parity_model
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 10, 12])
 def test_concat_code_is_exact_for_block_linear_model(k: int) -> None:
     code = CodeConfig(k=k, encoder="concat")
     model, parity_model = _pooled_linear(code)
@@ -79,6 +79,17 @@ def test_concat_code_is_exact_for_block_linear_model(k: int) -> None:
         available = torch.ones(5, k, dtype=torch.bool)
         available[:, j] = False
         torch.testing.assert_close(decode(code, data_out, available, parity_out[:, None]), data_out)
+
+
+def test_concat_grids_grow_with_k_and_stay_near_square() -> None:
+    assert [concat_grid(k) for k in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13)] == \
+        [(1, 2), (2, 2), (2, 2), (2, 3), (2, 3), (3, 3), (3, 3), (3, 3), (3, 4), (3, 4), (4, 4)]
+    x = torch.arange(1.0, 9.0).view(1, 8, 1, 1, 1).expand(1, 8, 1, 28, 28).contiguous()  # image j is all j + 1
+    out = encode(CodeConfig(k=8, encoder="concat"), x)[0, 0, 0]  # (28, 28): a 3x3 grid of 9x9 tiles
+    for j in range(8):
+        row, col = divmod(j, 3)
+        assert out[row * 9:(row + 1) * 9, col * 9:(col + 1) * 9].eq(j + 1).all()
+    assert out[18:27, 18:27].eq(0).all() and out[27].eq(0).all() and out[:, 27].eq(0).all()  # unused: zero
 
 
 def test_concat_layout_k4_and_empty_tile_k3() -> None:
@@ -105,7 +116,7 @@ def test_add_keeps_shape_and_channels() -> None:
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"k": 1}, "k"), ({"k": 2, "r": 0}, "r"), ({"k": 2, "encoder": "xor"}, "encoder"),
-     ({"k": 5, "encoder": "concat"}, "k"), ({"k": 2, "r": 2, "encoder": "concat"}, "r")],
+     ({"k": 2, "r": 2, "encoder": "concat"}, "r")],
 )
 def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -114,17 +125,15 @@ def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
 
 
 def test_concat_message_carries_values() -> None:
-    with pytest.raises(ConfigError, match=r"concat encoder supports k in \{2, 3, 4\}; got k=5"):
-        CodeConfig(k=5, encoder="concat")
+    with pytest.raises(ConfigError, match=r"concat encoder supports r=1 only \(one tiled parity image\); got r=2"):
+        CodeConfig(k=5, r=2, encoder="concat")
 
 
 def test_shape_errors() -> None:
     with pytest.raises(ShapeError, match="k=3"):
         encode(CodeConfig(k=3), torch.randn(2, 2, 4))
-    with pytest.raises(ShapeError, match="must be even"):
-        encode(CodeConfig(k=2, encoder="concat"), torch.randn(1, 2, 1, 4, 5))
-    with pytest.raises(ShapeError, match="must be even"):
-        encode(CodeConfig(k=4, encoder="concat"), torch.randn(1, 4, 1, 5, 4))
+    with pytest.raises(ShapeError, match="too many for a 2x2 image"):
+        encode(CodeConfig(k=12, encoder="concat"), torch.randn(1, 12, 1, 2, 2))
     with pytest.raises(ShapeError, match="images"):
         encode(CodeConfig(k=2, encoder="concat"), torch.randn(1, 2, 16))
     with pytest.raises(ShapeError, match="floating"):
@@ -162,3 +171,43 @@ def test_subtract_matches_general_decoder(k: int) -> None:
         known = [out[:, i] for i in range(k) if i != j]
         torch.testing.assert_close(subtract(code, parity, known, j), out[:, j], rtol=1e-5, atol=1e-5)
     assert subtract(code, parity, [out[:, i] for i in range(1, k)], 0) is not parity  # never in place
+
+
+@pytest.mark.parametrize("k", [2, 5, 8, 12])
+def test_the_tiles_code_decodes_any_missing_members_from_one_parity_output(k: int) -> None:
+    """The tiles code's parity model predicts each member: with the exact one (the block-linear
+    model applied per tile), every subset of missing members decodes exactly from one output."""
+    from parm.models.toy import pooled_linear, pooled_linear_tiles
+
+    code = CodeConfig(k=k, encoder="tiles")
+    assert code.per_query and code.decodable(1) == k and CodeConfig(k=k).decodable(1) == 1
+    shape = (2, 12, 12)
+    model, parity_model = pooled_linear(shape, CLASSES, k).double(), pooled_linear_tiles(shape, CLASSES, k).double()
+    x = torch.randn(4, k, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        data_out = model(x.flatten(0, 1)).view(4, k, CLASSES)
+        parity_out = parity_model(encode(code, x)[:, 0])  # (G, k·C)
+    assert parity_out.shape == (4, k * CLASSES)
+    torch.testing.assert_close(reconstruct_each(code, data_out, parity_out), data_out)
+    available = torch.rand(4, k, generator=torch.Generator().manual_seed(k)) < 0.4  # several missing at once
+    garbage = torch.where(available[..., None], data_out, torch.full_like(data_out, 1e6))
+    torch.testing.assert_close(decode(code, garbage, available, parity_out[:, None]), data_out)
+    assert torch.equal(subtract(code, parity_out, [], 1), parity_out[:, CLASSES:2 * CLASSES])
+    with pytest.raises(ShapeError, match="k·classes"):
+        reconstruct_each(code, data_out, parity_out[:, :CLASSES])
+
+
+def test_the_tile_mlp_sees_each_tile_alone() -> None:
+    """Member j's prediction depends on tile j only, and the model is as cheap as promised."""
+    from parm.models import build_model
+
+    model = build_model("tile-mlp", (1, 28, 28), 8 * 10, k=8).eval()
+    p = encode(CodeConfig(k=8, encoder="tiles"), torch.randn(2, 8, 1, 28, 28))[:, 0]
+    changed = p.clone()
+    changed[:, :, 9:18, 0:9] += 1.0  # tile 3 (row 1, col 0) of the 3x3 grid
+    with torch.no_grad():
+        a, b = model(p).view(2, 8, 10), model(changed).view(2, 8, 10)
+    moved = (a - b).abs().amax(dim=(0, 2)) > 0
+    assert moved.tolist() == [j == 3 for j in range(8)]
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(m.in_features * m.out_features for m in linear) * 8 < 784 * 200 + 200 * 100 + 100 * 10

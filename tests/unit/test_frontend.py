@@ -946,3 +946,34 @@ def test_coded_hedge_runs_late_batches_on_the_parity_instance_when_every_data_in
     assert Source.RETRIED in {p.source for p in preds} <= {Source.RETRIED, Source.ORIGINAL, Source.RECONSTRUCTED}
     assert all(p.instance in (parity, None) for p in preds) and max(p.latency_ms for p in preds) < 100
     assert backend.kills == [] and any(s.spare for s in backend.sends_to("parity"))
+
+
+def test_the_tiles_code_reconstructs_two_stalled_members_of_a_group_from_one_parity_output() -> None:
+    """With the tiles code one parity output holds a prediction per member, so a group of k = 3
+    decodes two late members at once (the addition code would need r = 2)."""
+    from fakes import TOY, FakeBackend
+    from parm.backends.base import InstanceSpec, ModelRef
+    from parm.models.toy import pooled_linear
+
+    k = 3
+    kwargs = {"in_shape": S, "num_classes": C, "k": k}
+    data = ModelRef(factory=f"{TOY}:pooled_linear", kwargs=kwargs)
+    parity = ModelRef(factory=f"{TOY}:pooled_linear_tiles", kwargs=kwargs)
+    roles = instance_roles("coded", k, k)
+    backend = FakeBackend([InstanceSpec(i, role, data if role == "data" else parity) for i, role in enumerate(roles)],
+                          delay_s=0.001)
+    frontend = Frontend(ServingConfig(query_shape=S, mode="coded", k=k, encoder="tiles", dispatch="round_robin"),
+                        backend, clock=loop_time)
+    model = pooled_linear(S, C, k).eval()
+    qs = queries(k, seed=40)
+
+    async def main():
+        async with serving(frontend):
+            for instance in ids(backend, "data")[:2]:
+                backend.set_delay(instance, 1.0)  # two of the three members are late
+            return await answers([frontend.submit(q) for q in qs])
+
+    preds = run(main())
+    assert sorted(p.source.value for p in preds) == ["original", "reconstructed", "reconstructed"]
+    for pred, q in zip(preds, qs):
+        torch.testing.assert_close(pred.scores, truth(q, model), **TOL)

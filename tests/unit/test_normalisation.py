@@ -82,3 +82,29 @@ def test_eval_uses_the_record_normalisation(tmp_path: Path, fixture_root: Path) 
         own = (model((test.images.to(torch.float32) / 255.0 - MEAN) / STD).argmax(-1) == test.labels).float().mean().item()
     (result,) = evaluate(tmp_path / "base", [tmp_path / "parity"], data_root=fixture_root)
     assert result.available_top1 == pytest.approx(own)
+
+
+def test_train_base_without_normalisation_records_x_over_255_and_consecutive_pairing(tmp_path: Path,
+                                                                                     fixture_root: Path) -> None:
+    """``train-base --normalise none`` (the authors' inputs): the record says mean 0, std 1, so every
+    later command feeds x/255; ``parm eval --pairing consecutive`` groups queries 0..k-1, k..2k-1, …"""
+    from parm.checkpoint import load_record
+    from parm.coding import CodeConfig
+    from parm.training import OptimConfig, ParityConfig, train_base, train_parity
+
+    record = train_base("mnist", "mlp", tmp_path / "base", optim=OptimConfig(epochs=1, batch_size=128, val_size=200),
+                        data_root=fixture_root, progress=False, device="cpu", normalise=False)
+    assert record.mean == (0.0,) and record.std == (1.0,) and load_record(tmp_path / "base").mean == (0.0,)
+    _, _, _, coded = load_coded_split(tmp_path / "base", "test", data_root=fixture_root)
+    raw = load_dataset("mnist", "test", data_root=fixture_root).images.to(torch.float32) / 255.0
+    torch.testing.assert_close(coded.images, raw)
+    parity = train_parity(tmp_path / "base", tmp_path / "parity", ParityConfig(CodeConfig(k=2), init="authors"),
+                          OptimConfig(epochs=1, batch_size=64, val_size=200), data_root=fixture_root, progress=False,
+                          device="cpu")
+    assert parity.metrics["val_mse"] > 0 and parity.config["parity"]["init"] == "authors"
+    (random,) = evaluate(tmp_path / "base", [tmp_path / "parity"], data_root=fixture_root, device="cpu")
+    (consecutive,) = evaluate(tmp_path / "base", [tmp_path / "parity"], data_root=fixture_root, device="cpu",
+                              pairing="consecutive")
+    assert (random.pairing, consecutive.pairing) == ("random", "consecutive")
+    assert consecutive.num_test_groups == len(raw) // 2
+    assert consecutive.degraded_top1 != random.degraded_top1  # other groups, another (close) figure

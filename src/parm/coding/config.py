@@ -9,8 +9,13 @@ import torch
 
 from parm.errors import ConfigError
 
-ENCODERS: tuple[str, ...] = ("add", "concat")
-CONCAT_KS: tuple[int, ...] = (2, 3, 4)
+ENCODERS: tuple[str, ...] = ("add", "concat", "tiles")
+"""``add``: the parity query is the (weighted) sum of the k queries and the parity model predicts
+the sum of their outputs (the paper). ``concat``: the k images downsampled and tiled into one
+(:func:`parm.coding.concat_grid`), the parity model again predicting the sum. ``tiles``: the same
+tiled image, but the parity model predicts each member's output apart (k·C outputs), so a
+missing output is read off the parity output rather than subtracted from it — errors do not add
+up over the k members, and one parity output recovers any number of missing members."""
 
 
 @dataclass(frozen=True)
@@ -41,20 +46,24 @@ class CodeConfig:
                 f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}",
                 field="encoder", value=self.encoder,
             )
-        if self.encoder == "concat":
+        if self.encoder in ("concat", "tiles"):
             self._check_concat()
 
     def _check_concat(self) -> None:
-        if self.k not in CONCAT_KS:
-            raise ConfigError(
-                f"concat encoder supports k in {{2, 3, 4}}; got k={self.k}",
-                field="k", value=self.k,
-            )
         if self.r != 1:
             raise ConfigError(
-                f"concat encoder supports r=1 only (one tiled parity image); got r={self.r}",
+                f"{self.encoder} encoder supports r=1 only (one tiled parity image); got r={self.r}",
                 field="r", value=self.r,
             )
+
+    @property
+    def per_query(self) -> bool:
+        """Whether the parity model predicts each member's output apart (k·C outputs: ``tiles``)."""
+        return self.encoder == "tiles"
+
+    def decodable(self, parities: int) -> int:
+        """How many missing members ``parities`` parity outputs can recover."""
+        return parities * self.k if self.per_query else parities
 
     def weights(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Generator coefficients, shape (r, k): w[i, j] = (j + 1) ** i (a cached tensor: do not modify)."""

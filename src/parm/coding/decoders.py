@@ -2,7 +2,8 @@
 
 With r = 1 and the addition code this is the paper's subtraction decoder,
 F(X_j) ≈ F_P(P) − Σ_{i≠j} F(X_i). For r > 1 the missing outputs solve a small linear
-system with the generator coefficients of :class:`CodeConfig`.
+system with the generator coefficients of :class:`CodeConfig`. With the ``tiles`` code the
+parity output (k·C) holds a prediction per member: a missing output is its slice.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ def _check_outputs(config: CodeConfig, data_out: torch.Tensor, parity_out: torch
             f"data outputs must be (groups, k={config.k}, classes); got {tuple(data_out.shape)}",
             expected=("G", config.k, "C"), got=tuple(data_out.shape),
         )
-    if parity_out.shape[0] != data_out.shape[0] or parity_out.shape[-1] != data_out.shape[-1]:
+    width = data_out.shape[-1] * (config.k if config.per_query else 1)
+    if parity_out.shape[0] != data_out.shape[0] or parity_out.shape[-1] != width:
         raise ShapeError(
             f"parity outputs {tuple(parity_out.shape)} do not match data outputs "
-            f"{tuple(data_out.shape)} in groups or classes",
-            expected=(data_out.shape[0], data_out.shape[-1]), got=tuple(parity_out.shape),
+            f"{tuple(data_out.shape)} in groups or classes"
+            + (f" (the {config.encoder} code's parity model outputs k·classes = {width})" if config.per_query else ""),
+            expected=(data_out.shape[0], width), got=tuple(parity_out.shape),
         )
 
 
@@ -37,6 +40,8 @@ def reconstruct_each(
     every erased position at once.
     """
     _check_outputs(config, data_out, parity_out)
+    if config.per_query:  # the parity model's own prediction of each member
+        return parity_out.reshape(data_out.shape)  # (G, k·C) -> (G, k, C)
     w = config.weights(dtype=data_out.dtype)[parity_index].to(data_out.device)  # (k,)
     weighted = data_out * w[None, :, None]  # (G, k, C)
     rest = weighted.sum(dim=1, keepdim=True) - weighted  # (G, k, C): Σ_{l≠j} w_l F(X_l)
@@ -47,8 +52,12 @@ def subtract(config: CodeConfig, parity_out: torch.Tensor, known: list[torch.Ten
     """The serving path's decoder for r = 1: F(X_j) = (F_P(P) − Σ_{l≠j} w_l F(X_l)) / w_j.
 
     parity_out (B, C); ``known`` the k − 1 other outputs (B, C) in position order; ``missing``
-    the position j. A handful of tensor ops, no allocation beyond the result.
+    the position j. A handful of tensor ops, no allocation beyond the result. (With the
+    ``tiles`` code, parity_out is (B, k·C) and the answer is its slice j; ``known`` is unused.)
     """
+    if config.per_query:
+        classes = parity_out.shape[-1] // config.k
+        return parity_out[:, missing * classes:(missing + 1) * classes].clone()
     w = config.weights(torch.float64)[0]  # (k,)
     others = [i for i in range(config.k) if i != missing]
     out = parity_out.clone()
@@ -83,7 +92,7 @@ def decode(
     data_available = data_available.bool()
     parity_available = parity_available.bool()
     missing = (~data_available).sum(dim=1)  # (G,)
-    too_many = missing > parity_available.sum(dim=1)
+    too_many = missing > parity_available.sum(dim=1) * (config.k if config.per_query else 1)
     if bool(too_many.any()):
         g = int(too_many.nonzero()[0])
         raise ShapeError(
@@ -91,6 +100,9 @@ def decode(
             f"{int(parity_available[g].sum())} available parity outputs (r={config.r}); re-send instead",
             expected=f"<= {int(parity_available[g].sum())} missing", got=int(missing[g]),
         )
+    if config.per_query:  # r = 1: each missing member is its slice of the parity output
+        each = parity_out[:, 0].reshape(data_out.shape)  # (G, k·C) -> (G, k, C)
+        return torch.where(data_available[..., None], data_out, each)
     if config.r == 1:
         return _decode_one_parity(config, data_out, data_available, parity_out[:, 0])
     out = data_out.clone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,29 +41,32 @@ def encode_add(config: CodeConfig, x: torch.Tensor) -> torch.Tensor:
     return parity.reshape(x.shape[0], config.r, *x.shape[2:])  # (G, r, *S)
 
 
+def concat_grid(k: int) -> tuple[int, int]:
+    """(rows, cols) of the concat encoder's tile grid for k images: cols = ⌈√k⌉, rows = ⌈k/cols⌉
+    (k = 2: 1×2; 3, 4: 2×2; 5, 6: 2×3; 7–9: 3×3; 10–12: 3×4; …)."""
+    cols = math.isqrt(k - 1) + 1
+    return -(-k // cols), cols
+
+
 def _tile_size(config: CodeConfig, height: int, width: int) -> tuple[int, int]:
-    if config.k == 2:
-        if width % 2:
-            raise ShapeError(
-                f"concat encoder with k=2 halves the width, which must be even; got {height}x{width}",
-                expected="even width", got=(height, width),
-            )
-        return height, width // 2
-    if height % 2 or width % 2:
+    rows, cols = concat_grid(config.k)
+    th, tw = height // rows, width // cols
+    if th < 1 or tw < 1:
         raise ShapeError(
-            f"concat encoder with k={config.k} halves height and width, which must be even; "
-            f"got {height}x{width}",
-            expected="even height and width", got=(height, width),
+            f"concat encoder with k={config.k} tiles a {rows}x{cols} grid, too many for a {height}x{width} image; "
+            "use a smaller k",
+            expected=f"at least {rows}x{cols} pixels", got=(height, width),
         )
-    return height // 2, width // 2
+    return th, tw
 
 
 def encode_concat(config: CodeConfig, x: torch.Tensor) -> torch.Tensor:
-    """Downsample each image (bilinear) and tile them into one image of the original size.
+    """Downsample each image and tile them, row-major, into one image of the original size.
 
-    k = 2: side by side at half width. k = 3, 4: a 2×2 grid of half-size images in row-major
-    order (k = 3 leaves the bottom-right tile zero). Bilinear downsampling by exactly 2 is the
-    mean of each 2-pixel (or 2×2) block.
+    The grid is :func:`concat_grid` (k = 2: side by side at half width; k = 3, 4: a 2×2 grid of
+    half-size images; k = 8: a 3×3 grid of 9×9 tiles for 28×28). Tiles are ⌊H/rows⌋ × ⌊W/cols⌋;
+    unused tiles and the remainder rows/columns are zero. Downsampling is area averaging (by
+    exactly 2 it is the mean of each 2-pixel or 2×2 block); channels stay aligned.
     """
     _check_group_shape(config, x)
     if x.dim() != 5:
@@ -71,12 +76,10 @@ def encode_concat(config: CodeConfig, x: torch.Tensor) -> torch.Tensor:
         )
     groups, k, channels, height, width = x.shape
     th, tw = _tile_size(config, height, width)
-    small = F.interpolate(
-        x.reshape(groups * k, channels, height, width), size=(th, tw), mode="bilinear",
-        align_corners=False, antialias=False,
-    ).reshape(groups, k, channels, th, tw)  # (G, k, C, H, W) -> (G, k, C, th, tw)
+    small = F.adaptive_avg_pool2d(x.reshape(groups * k, channels, height, width), (th, tw)).reshape(
+        groups, k, channels, th, tw)  # (G, k, C, H, W) -> (G, k, C, th, tw)
     out = x.new_zeros(groups, 1, channels, height, width)  # (G, 1, C, H, W)
-    cols = 2
+    cols = concat_grid(k)[1]
     for j in range(k):
         row, col = divmod(j, cols)
         out[:, 0, :, row * th:(row + 1) * th, col * tw:(col + 1) * tw] = small[:, j]
@@ -87,4 +90,4 @@ def encode(config: CodeConfig, x: torch.Tensor) -> torch.Tensor:
     """Encode groups of k queries into r parity queries: (G, k, *S) -> (G, r, *S)."""
     if config.encoder == "add":
         return encode_add(config, x)
-    return encode_concat(config, x)
+    return encode_concat(config, x)  # concat and tiles encode alike

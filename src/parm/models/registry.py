@@ -10,7 +10,7 @@ from torch import nn
 
 from parm.errors import ConfigError
 from parm.models.lenet import LeNet5
-from parm.models.mlp import MLP
+from parm.models.mlp import MLP, TileMLP
 from parm.models.resnet import ResNet18
 
 Factory = Callable[..., nn.Module]
@@ -32,6 +32,7 @@ def _resnet_for(side: int) -> Factory:
 ARCHITECTURES: dict[str, Factory] = {
     "mlp": MLP,
     "mlp-small": lambda in_shape, num_classes: MLP(in_shape, num_classes, hidden=(32,)),
+    "tile-mlp": TileMLP,  # parity model of the tiles code (needs k)
     "lenet5": LeNet5,
     "resnet18": _resnet_for(32),
     "resnet18-28": _resnet_for(28),
@@ -60,7 +61,7 @@ def _import_factory(spec: str) -> Factory:
     return factory
 
 
-def _call_factory(factory: Factory, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _call_factory(factory: Factory, in_shape: tuple[int, ...], num_classes: int, k: int | None = None) -> nn.Module:
     try:
         params: Mapping[str, inspect.Parameter] = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -68,8 +69,8 @@ def _call_factory(factory: Factory, in_shape: tuple[int, ...], num_classes: int)
     accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {
         name: value
-        for name, value in (("in_shape", tuple(in_shape)), ("num_classes", num_classes))
-        if accepts_kwargs or name in params
+        for name, value in (("in_shape", tuple(in_shape)), ("num_classes", num_classes), ("k", k))
+        if (accepts_kwargs or name in params) and value is not None
     }
     return factory(**kwargs)
 
@@ -81,15 +82,21 @@ def check_arch(arch: str) -> None:
         _import_factory(arch)
 
 
-def build_model(arch: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_model(arch: str, in_shape: tuple[int, ...], num_classes: int, *, k: int | None = None) -> nn.Module:
     """Build an untrained model.
 
-    ``arch`` is a built-in name (``mlp``, ``lenet5``, ``resnet18``, ``resnet18-28``) or
-    ``module.path:factory``; a factory gets ``in_shape`` and ``num_classes`` as keyword
-    arguments if its signature takes them.
+    ``arch`` is a built-in name (``mlp``, ``lenet5``, ``resnet18``, ``resnet18-28``,
+    ``tile-mlp``) or ``module.path:factory``; a factory gets ``in_shape`` and ``num_classes``
+    (and ``k``, the coding group size, when given: parity models of the ``tiles`` code) as
+    keyword arguments if its signature takes them.
     """
     factory = ARCHITECTURES.get(arch) or _import_factory(arch)
-    model = _call_factory(factory, in_shape, num_classes)
+    try:
+        model = _call_factory(factory, in_shape, num_classes, k)
+    except ValueError as exc:  # a built-in refusing these shapes
+        if arch not in ARCHITECTURES:
+            raise
+        raise ConfigError(f"architecture {arch!r}: {exc}", field="arch", value=arch) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"architecture {arch!r} returned {type(model).__name__}, not a torch.nn.Module",

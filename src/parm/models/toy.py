@@ -2,7 +2,9 @@
 
 ``linear`` is F(x) = W·vec(x) + b with seeded weights; ``linear_parity`` is its exact parity
 model for the addition code with k queries (same W, bias k·b), so decoded outputs can be
-checked to float tolerance. ``constant`` is the cheapest possible model (frontend overhead).
+checked to float tolerance. ``pooled_linear`` sees the image through the k-tile grid's area
+mean and ``pooled_linear_tiles`` is its exact parity model for the ``tiles`` code (a prediction
+per member). ``constant`` is the cheapest possible model (frontend overhead).
 """
 
 from __future__ import annotations
@@ -35,6 +37,40 @@ def linear_parity(in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10
     """The exact addition-code parity model ``parity_index`` of ``linear(in_shape, num_classes, seed)``:
     F(x) = Ax + b and P = Σ_j w_j X_j with w_j = (j + 1) ** parity_index give F_P(P) = AP + (Σ_j w_j) b."""
     return Linear(tuple(in_shape), num_classes, seed, bias_scale=float(sum((j + 1) ** parity_index for j in range(k))))
+
+
+class PooledLinear(nn.Module):
+    """F(x) = W·vec(area-mean of x to one tile of the k-grid) + b; with ``tiles=True`` the exact
+    ``tiles``-code parity model: F of each tile of the parity image, (N, k·C)."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, k: int, seed: int = 0, tiles: bool = False) -> None:
+        super().__init__()
+        from parm.coding.encoders import concat_grid
+
+        channels, height, width = in_shape
+        self.k, self.tiles = k, tiles
+        self.rows, self.cols = concat_grid(k)
+        self.th, self.tw = height // self.rows, width // self.cols
+        self.linear = Linear((channels, self.th, self.tw), num_classes, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tiles:
+            return self.linear(nn.functional.adaptive_avg_pool2d(x, (self.th, self.tw)))  # (N, C)
+        outs = []
+        for j in range(self.k):
+            row, col = divmod(j, self.cols)
+            outs.append(self.linear(x[:, :, row * self.th:(row + 1) * self.th, col * self.tw:(col + 1) * self.tw]))
+        return torch.cat(outs, dim=1)  # k × (N, C) -> (N, k·C)
+
+
+def pooled_linear(in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, k: int = 2,
+                  seed: int = 0) -> nn.Module:
+    return PooledLinear(tuple(in_shape), num_classes, k, seed)
+
+
+def pooled_linear_tiles(in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, k: int = 2,
+                        seed: int = 0) -> nn.Module:
+    return PooledLinear(tuple(in_shape), num_classes, k, seed, tiles=True)
 
 
 class Constant(nn.Module):

@@ -22,9 +22,10 @@ Invariants:
 1. Every added batch is answered exactly once (original, retried, reconstructed or error).
 2. A reconstruction uses only outputs that really arrived — originals, parity outputs and
    filler outputs — never another reconstruction. With r parities a group decodes up to r
-   unknown data outputs.
+   unknown data outputs (``CodeConfig.decodable``; with the ``tiles`` code, one parity output
+   decodes every member).
 3. A decode happens as soon as it is possible: when the group is closed and the number of
-   members with no output is at least 1 and at most the number of parity outputs in.
+   members with no output is at least 1 and at most what the parity outputs in can decode.
 4. Each batch answered by reconstruction gets exactly one ``Cancel``; its late original is
    dropped (counted in ``late_originals``).
 5. ``Resend`` is emitted only for a failed batch its group can no longer decode (another
@@ -246,7 +247,7 @@ class GroupTracker:
     def _try_decode(self, group: _Group) -> list[Action]:
         unknown = self._unknown(group)
         have_parity = [i for i, p in enumerate(group.parity) if p is not None]
-        if not group.closed or not unknown or len(unknown) > len(have_parity):
+        if not group.closed or not unknown or len(unknown) > self.code.decodable(len(have_parity)):
             return []
         if all(group.members[i].answered for i in unknown):
             return []
@@ -270,6 +271,10 @@ class GroupTracker:
 
     def _decode(self, group: _Group, unknown: list[int]) -> torch.Tensor | list[torch.Tensor | None]:
         """Outputs by position (k entries; those in ``unknown`` decoded)."""
+        if self.code.per_query:  # the tiles code: each missing member is its slice of the parity output
+            parity_out = group.parity[0]
+            assert parity_out is not None
+            return [subtract(self.code, parity_out, [], i) if i in unknown else None for i in range(self.code.k)]
         if self.code.r == 1 and len(unknown) == 1:  # the common case: plain subtraction
             j = unknown[0]
             known = [self._known(group, i) for i in range(self.code.k) if i != j]
@@ -300,7 +305,7 @@ class GroupTracker:
         """
         unavailable = sum(1 for m in group.members if m.output is None and (m.failed or m.answered))
         usable_parity = sum(1 for p, bad in zip(group.parity, group.parity_failed) if p is not None or not bad)
-        return unavailable <= usable_parity
+        return unavailable <= self.code.decodable(usable_parity)
 
     def _resend_failed(self, group: _Group) -> list[Action]:
         actions: list[Action] = []

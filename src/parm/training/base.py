@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -54,8 +55,13 @@ def train_base(
     progress: bool = True,
     device: str | torch.device | None = "auto",
     precision: str = "fp32",
+    normalise: bool = True,
 ) -> ModelRecord:
     """Train ``arch`` on ``dataset``; keep the epoch with the best validation accuracy.
+
+    ``normalise``: inputs are (x/255 − mean)/std with the training split's per-channel mean and
+    std (default), or x/255 alone (False: mean 0, std 1, as the ParM authors' models). The record
+    keeps what was used, and every later command prepares inputs the same way.
 
     The validation split is ``optim.val_size`` samples of the training split (seeded). Returns
     the saved record, whose metrics hold ``val_top1`` and ``available_top1`` (test accuracy).
@@ -70,6 +76,10 @@ def train_base(
     check_precision(precision, where)
     train = load_dataset(dataset, "train", data_root=data_root, download=download)
     test = load_dataset(dataset, "test", data_root=data_root, download=download)
+    if not normalise:  # x/255 only
+        zero, one = (0.0,) * len(train.mean), (1.0,) * len(train.std)
+        train = dataclasses.replace(train, mean=zero, std=one)
+        test = dataclasses.replace(test, mean=zero, std=one)
     train_idx, val_idx = train_val_split(len(train), optim.val_size, optim.seed)
     images, labels = train.float_images(), train.labels  # (N, C, H, W), (N,)
     x_tr, y_tr, x_val, y_val = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
@@ -83,7 +93,8 @@ def train_base(
         optim=optim, steps_per_epoch=math.ceil(len(x_tr) / optim.batch_size),
         batches=_batches(x_tr, y_tr, optim.batch_size), loss_fn=F.cross_entropy,
         validate=lambda m: {"score": _accuracy(m, x_val, y_val)}, save_best=save_best,
-        state_dir=out / "resume", fingerprint={"kind": "base", "dataset": train.name, "arch": arch},
+        state_dir=out / "resume", fingerprint={"kind": "base", "dataset": train.name, "arch": arch,
+                                                      **({} if normalise else {"normalise": False})},
         best_path=out, progress=progress, desc=f"train-base {arch}/{train.name}", device=where, precision=precision,
     )
     result = fit(model, spec)

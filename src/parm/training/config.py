@@ -10,7 +10,10 @@ from parm.coding import CodeConfig
 from parm.errors import ConfigError
 
 SCHEDULES: tuple[str, ...] = ("constant", "onecycle", "cosine")
-INITS: tuple[str, ...] = ("scratch", "base")
+INITS: tuple[str, ...] = ("scratch", "base", "authors")
+"""Parity-model initialisation: ``scratch`` (PyTorch's default), ``base`` (a copy of the base
+model's weights), ``authors`` (the ParM authors' scheme: Linear weights N(0, 0.01²) with zero
+biases, conv weights Xavier-uniform with ReLU gain and zero biases, batch norm 1 and 0)."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,11 @@ def base_recipe(epochs: int | None = None, seed: int = 0) -> OptimConfig:
 def parity_recipe(name: str, k: int, epochs: int | None = None, seed: int = 0) -> tuple[OptimConfig, str]:
     """(optimiser config, init) of a named recipe.
 
-    ``paper``: the authors' recipe: parity model trained from scratch, Adam lr 1e-3,
-    weight decay 1e-5, constant LR, 64 groups per step for k = 2 and 32 for k >= 3, 500 epochs.
+    ``paper``: the authors' recipe in full: parity model trained from scratch with their
+    initialisation (``authors``: Linear weights N(0, 0.01²), zero biases), Adam lr 1e-3, weight
+    decay 1e-5, constant LR, 64 groups per step for k = 2 and 32 for k >= 3, 500 epochs. (Their
+    inputs are x/255, unnormalised: that is the base model's choice, ``train-base --normalise
+    none``, which every later command follows.)
 
     ``default``: initialise the parity model from the base model's weights, 256 groups per step,
     Adam with a one-cycle schedule peaking at 2e-3, 400 epochs: higher degraded-mode accuracy than
@@ -90,7 +96,7 @@ def parity_recipe(name: str, k: int, epochs: int | None = None, seed: int = 0) -
     if name == "paper":
         batch = 64 if k == 2 else 32
         return OptimConfig(epochs=epochs or 500, batch_size=batch, lr=1e-3, weight_decay=1e-5,
-                           schedule="constant", seed=seed), "scratch"
+                           schedule="constant", seed=seed), "authors"
     if name == "default":
         return OptimConfig(epochs=epochs or 400, batch_size=256, lr=2e-3, weight_decay=1e-5,
                            schedule="onecycle", seed=seed), "base"

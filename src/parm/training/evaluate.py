@@ -14,11 +14,15 @@ from parm.coding import CodeConfig
 from parm.data.groups import fixed_groups
 from parm.data.registry import Split
 from parm.devices import resolve_device
+from parm.errors import ConfigError
 from parm.training.config import ParityConfig
 from parm.training.metrics import default_top1, topk_correct
 from parm.training.parity import load_coded_split, reconstruction_metrics
 
 EVAL_GROUP_SEED = 0
+PAIRINGS: tuple[str, ...] = ("random", "consecutive")
+"""How test queries form groups: ``random`` (a seeded draw, EVAL_GROUP_SEED) or ``consecutive``
+(queries 0..k-1, k..2k-1, … in the split's order, as the ParM authors' test loader does)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class EvalResult:
     num_test_samples: int
     base: str
     parity: str
+    pairing: str = "random"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,12 +63,17 @@ def evaluate(
     cache_dir: str | Path | None = None,
     inputs: str | Path | None = None,
     device: str | torch.device | None = "auto",
+    pairing: str = "random",
 ) -> list[EvalResult]:
     """One EvalResult per parity checkpoint; each must have been trained for ``base_dir``. With
     ``inputs`` (unlabelled inputs, :mod:`parm.data.inputs`) instead of the base's dataset, only
     ``reconstruction_top1`` (agreement of reconstructions with the deployed model) is measured;
     the label-based fields are None and ``split`` is ``"inputs"``. Models run on ``device``
-    (:func:`parm.devices.resolve_device`), in float32."""
+    (:func:`parm.devices.resolve_device`), in float32. ``pairing``: how test queries are grouped
+    (:data:`PAIRINGS`)."""
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"pairing must be one of {', '.join(PAIRINGS)}; got {pairing!r}", field="pairing",
+                          value=pairing)
     where = device if isinstance(device, torch.device) else resolve_device(device)
     _, base, _, coded = load_coded_split(base_dir, split, data_root=data_root, download=download,
                                          cache_dir=cache_dir, inputs=inputs, device=where)
@@ -80,13 +90,17 @@ def evaluate(
         check_parity_matches(base, record)
         assert record.k is not None and record.r is not None and record.encoder is not None
         parity = ParityConfig(CodeConfig(record.k, record.r, record.encoder), record.parity_index or 0, record.arch)
-        groups = fixed_groups(torch.arange(len(coded.images)), record.k, EVAL_GROUP_SEED)  # (G, k)
+        if pairing == "random":
+            groups = fixed_groups(torch.arange(len(coded.images)), record.k, EVAL_GROUP_SEED)  # (G, k)
+        else:
+            count = len(coded.images) // record.k * record.k
+            groups = torch.arange(count).reshape(-1, record.k)  # (G, k)
         metrics = reconstruction_metrics(parity, model, coded, groups)
         results.append(EvalResult(
             dataset=base.dataset, model=base.arch, parity_model=record.arch, k=record.k, r=record.r,
             parity_index=parity.parity_index, encoder=record.encoder, split=split_name, available_top1=available,
             default_top1=default, num_test_groups=len(groups), num_test_samples=len(coded.images),
             base=str(base_dir), parity=str(parity_dir), reconstruction_top1=metrics["reconstruction_top1"],
-            degraded_top1=metrics.get("degraded_top1"), degraded_top5=metrics.get("degraded_top5"),
+            degraded_top1=metrics.get("degraded_top1"), degraded_top5=metrics.get("degraded_top5"), pairing=pairing,
         ))
     return results

@@ -65,7 +65,10 @@ class CodedData:
 
 
 def parity_targets(parity: ParityConfig, outputs: torch.Tensor) -> torch.Tensor:
-    """outputs (G, k, C) -> Σ_j w[i, j] outputs[:, j] (G, C) for parity i."""
+    """outputs (G, k, C) -> Σ_j w[i, j] outputs[:, j] (G, C) for parity i; with the ``tiles``
+    code every member's output, (G, k·C)."""
+    if parity.code.per_query:
+        return outputs.flatten(1)
     w = parity.code.weights(outputs.dtype)[parity.parity_index]  # (k,)
     return torch.einsum("k,gkc->gc", w, outputs)
 
@@ -104,12 +107,23 @@ def reconstruction_metrics(
     ])  # (G, C), on the CPU whatever the model's device
     base_out = data.outputs[groups]  # (G, k, C)
     recon = reconstruct_each(parity.code, base_out, parity_out, parity.parity_index)  # (G, k, C)
-    return degraded_metrics(recon, base_out, None if data.labels is None else data.labels[groups])
+    metrics = degraded_metrics(recon, base_out, None if data.labels is None else data.labels[groups])
+    metrics["mse"] = F.mse_loss(parity_out, parity_targets(parity, base_out)).item()  # the training loss, on these groups
+    return metrics
+
+
+def parity_arch(parity: ParityConfig, base_arch: str) -> str:
+    """The parity model's architecture: the one asked for, else ``tile-mlp`` for the ``tiles``
+    code, else the base model's."""
+    return parity.arch or ("tile-mlp" if parity.code.per_query else base_arch)
 
 
 def _init_parity_model(parity: ParityConfig, base_record: ModelRecord, base_model: torch.nn.Module) -> torch.nn.Module:
-    arch = parity.arch or base_record.arch
-    model = build_model(arch, base_record.in_shape, base_record.num_classes)
+    arch = parity_arch(parity, base_record.arch)
+    if parity.code.per_query:  # a prediction per member: k·classes outputs
+        model = build_model(arch, base_record.in_shape, base_record.num_classes * parity.code.k, k=parity.code.k)
+    else:
+        model = build_model(arch, base_record.in_shape, base_record.num_classes)
     if parity.init == "base":
         if arch != base_record.arch:
             raise ConfigError(
@@ -118,13 +132,34 @@ def _init_parity_model(parity: ParityConfig, base_record: ModelRecord, base_mode
                 field="init", value=parity.init,
             )
         model.load_state_dict(base_model.state_dict())
+    elif parity.init == "authors":
+        authors_init(model)
     return model
+
+
+@torch.no_grad()
+def authors_init(model: torch.nn.Module) -> None:
+    """The ParM authors' initialisation (their trainer's ``init_weights``), in place: Linear
+    weights N(0, 0.01²), conv weights Xavier-uniform with ReLU gain, biases 0, batch norm 1/0."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, torch.nn.Linear):
+            m.weight.normal_(0.0, 0.01)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            torch.nn.init.xavier_uniform_(m.weight, gain=torch.nn.init.calculate_gain("relu"))
+            if m.bias is not None:
+                m.bias.zero_()
 
 
 def _parity_record(parity: ParityConfig, base: ModelRecord, optim: OptimConfig, recipe: str,
                    metrics: dict[str, float], inputs: dict[str, object] | None = None) -> ModelRecord:
     return ModelRecord(
-        kind="parity", arch=parity.arch or base.arch, in_shape=base.in_shape, num_classes=base.num_classes,
+        kind="parity", arch=parity_arch(parity, base.arch), in_shape=base.in_shape, num_classes=base.num_classes,
         dataset=base.dataset, mean=base.mean, std=base.std, k=parity.code.k, r=parity.code.r,
         parity_index=parity.parity_index, encoder=parity.code.encoder, base_sha256=base.weights_sha256,
         metrics=metrics, config={"recipe": recipe, "optim": optim.to_json(), "parity": parity.to_json(),
