@@ -4,10 +4,13 @@
 #   scripts/reproduce_results.sh paper     # the authors' recipe (500 epochs; ~10 min per model)
 # Each model is trained by the public CLI; wall and CPU seconds go to runs/results/<recipe>/*.time.
 # Datasets come from --data-root / $PARM_DATA_ROOT (add --download to fetch them).
+#   CONFIGS="8:tiles 8:add" SEEDS="0 1 2" scripts/reproduce_results.sh default   # any k:encoder list, seeds
+# (seed 0 writes <ds>-k<k>-<enc>.*, seed s > 0 <ds>-k<k>-<enc>-s<s>.*; the base model is the same for all)
 set -euo pipefail
 recipe="${1:-default}"
 datasets="${DATASETS:-mnist fashion-mnist}"
 configs="${CONFIGS:-2:add 3:add 4:add 2:concat 4:concat}"
+seeds="${SEEDS:-0}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 parm="${PARM:-parm}"
 out="runs/results/$recipe"
@@ -25,10 +28,14 @@ for ds in $datasets; do
   timed "$ds-base" $parm train-base --dataset "$ds" --model mlp --out "$base" --no-progress
   for cfg in $configs; do
     k="${cfg%%:*}"; enc="${cfg##*:}"
-    name="$ds-k$k-$enc"
-    dir="runs/$ds-mlp/$recipe/k$k-$enc"
-    timed "$name" $parm train-parity --base "$base" --k "$k" --encoder "$enc" --recipe "$recipe" --out "$dir" --no-progress
-    $parm eval --base "$base" --parity "$dir" --json "$out/$name.json" > /dev/null
+    for seed in $seeds; do
+      suffix=""; [ "$seed" = 0 ] || suffix="-s$seed"
+      name="$ds-k$k-$enc$suffix"
+      dir="runs/$ds-mlp/$recipe/k$k-$enc$suffix"
+      timed "$name" $parm train-parity --base "$base" --k "$k" --encoder "$enc" --recipe "$recipe" --seed "$seed" \
+        --out "$dir" --no-progress
+      $parm eval --base "$base" --parity "$dir" --json "$out/$name.json" > /dev/null
+    done
   done
 done
 echo "results in $out"

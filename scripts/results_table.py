@@ -1,15 +1,63 @@
 """Print the docs/RESULTS.md tables from runs/results/<recipe>/*.json and *.time.
 
     python scripts/results_table.py [runs/results]
+
+The large-k table reads every seed of each default-recipe (k, encoder) — ``<ds>-k<k>-<enc>.json``
+(seed 0) and ``<ds>-k<k>-<enc>-s<seed>.json`` — and prints A_d as mean ± sd over the seeds found
+(sd with n − 1; n shown), with the Berrut rows from ``berrut-<ds>.json`` (``scripts/large_k.py
+--json``) beside them.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
 CONFIGS = [(2, "add"), (3, "add"), (4, "add"), (2, "concat"), (4, "concat")]
+LARGE_KS = (2, 4, 8, 10, 12)
+LARGE_ENCODERS = ("add", "concat", "tiles")
+
+
+def _seeds(folder: Path, stem: str) -> list[tuple[dict, float | None]]:
+    """(eval result, CPU seconds or None) of every seed of one configuration."""
+    found = []
+    for path in [folder / f"{stem}.json", *sorted(folder.glob(f"{stem}-s*.json"))]:
+        if path.exists():
+            timing = path.with_suffix(".time")
+            cpu = sum(map(float, timing.read_text().split()[1:])) if timing.exists() and timing.read_text().strip() \
+                else None
+            found.append((json.loads(path.read_text()), cpu))
+    return found
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f} (n = 1)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (n = {len(values)})"
+
+
+def large_k(root: Path) -> None:
+    for ds in ("mnist", "fashion-mnist"):
+        berrut_file = root / f"berrut-{ds}.json"
+        rows = json.loads(berrut_file.read_text())["rows"] if berrut_file.exists() else []
+        berrut = {(row["k"], row["code"].split()[1]): row for row in rows}  # (k, "r=1")
+        print(f"\n### {ds}: A_d by k (default recipe; mean ± sd over seeds)\n")
+        print("| k | " + " | ".join(f"{enc}" for enc in LARGE_ENCODERS) + " | Berrut r = 1 | Berrut r = 2 | CPU s tiles |")
+        print("|---" * (len(LARGE_ENCODERS) + 4) + "|")
+        for k in LARGE_KS:
+            cells, tiles_cpu = [], "—"
+            for enc in LARGE_ENCODERS:
+                runs = _seeds(root / "default", f"{ds}-k{k}-{enc}")
+                cells.append(_mean_sd([r["degraded_top1"] for r, _ in runs]) if runs else "not run")
+                cpus = [c for _, c in runs if c is not None]
+                if enc == "tiles" and cpus:
+                    tiles_cpu = f"{statistics.mean(cpus):.0f}"
+            for r in ("r=1", "r=2"):
+                b = berrut.get((k, r))
+                cells.append(f"{b['degraded_top1']:.4f}" if b else "not run")
+            print(f"| {k} | " + " | ".join(cells) + f" | {tiles_cpu} |")
 
 
 def main(root: Path) -> None:
@@ -38,4 +86,6 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/results"))
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/results")
+    main(root)
+    large_k(root)

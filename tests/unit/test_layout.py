@@ -16,7 +16,7 @@ ALLOWED = {
     "_version": set(),
     "testing": set(),
     "coding": {"errors"},
-    "models": {"errors"},
+    "models": {"errors", "coding"},  # the tiles parity model reads the concat grid rule
     "data": {"errors"},
     "faults": {"errors"},
     "devices": {"errors"},
