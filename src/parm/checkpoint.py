@@ -67,6 +67,7 @@ class ModelRecord:
     parity_index: int | None = None
     encoder: str | None = None
     base_sha256: str | None = None
+    dataset_fingerprint: str = ""  # image folders: content fingerprint (parm.data.dataset_identity); "" else
     weights_sha256: str = ""
     weights_file: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)

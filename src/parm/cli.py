@@ -131,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--normalise", choices=["dataset", "none"], default="dataset",
                    help="inputs (x/255 - mean)/std with the training split's mean/std (dataset, default) or x/255 "
                         "alone (none, as the ParM authors' models); recorded in the checkpoint")
+    p.add_argument("--augment", choices=["auto", "none", "crop-flip"], default="auto",
+                   help="training-batch augmentation: crop-flip (pad 4, random crop, random left-right flip), none, "
+                        "or auto (default: crop-flip for colour images, none for grey ones)")
+    _add_save_every(p)
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=_train_base)
@@ -188,6 +192,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="parity model architecture (default: the base's; tile-mlp for --encoder tiles)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None, help="base-output cache (default: ~/.cache/parm/outputs)")
+    _add_dataset_override(p)
+    _add_save_every(p)
     p.add_argument("--inputs", type=Path, default=None,
                    help=_INPUTS_HELP)
     _add_device(p)
@@ -203,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pairing", default="random", choices=["random", "consecutive"],
                    help="test groups: a seeded random draw (default) or consecutive queries, as the ParM authors")
     p.add_argument("--cache-dir", type=Path, default=None)
+    _add_dataset_override(p)
     p.add_argument("--inputs", type=Path, default=None,
                    help=_INPUTS_HELP + "; reports reconstruction accuracy (agreement with the deployed model) only")
     _add_device(p, precision=False)
@@ -380,6 +387,18 @@ def _add_system_args(p: argparse.ArgumentParser, *, serve: bool) -> None:
     _add_backend_args(p)
 
 
+def _add_save_every(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-every-min", type=float, default=2.0, metavar="MIN",
+                   help="save resumable state inside an epoch at least this often, so an interruption loses at most "
+                        "that much training; Ctrl-C saves too (default: 2)")
+
+
+def _add_dataset_override(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None,
+                   help="where the base model's dataset is now, e.g. imagefolder:NEW/PATH after moving the folder "
+                        "(default: the base checkpoint's; an image folder's files must be the same)")
+
+
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, choices=["local", "ray"],
                    help="local: instances are processes on this machine (default); ray: Ray Serve deployments "
@@ -536,7 +555,7 @@ def _train_base(args: argparse.Namespace) -> int:
     optim = replace(optim, val_size=args.val_size, **overrides)
     record = train_base(args.dataset, args.model, args.out, optim=optim, data_root=args.data_root,
                         download=args.download, progress=not args.no_progress, normalise=args.normalise == "dataset",
-                        **_device_given(args))
+                        save_every_s=args.save_every_min * 60, augment=args.augment, **_device_given(args))
     print(f"{record.arch} on {record.dataset}: test accuracy (A_a) {record.metrics['available_top1']:.4f}, "
           f"best epoch {record.metrics['best_epoch']}; saved to {args.out}")
     return 0
@@ -557,7 +576,7 @@ def _train_parity(args: argparse.Namespace) -> int:
     optim = replace(optim, **overrides)
     common: dict[str, Any] = dict(recipe=args.recipe, data_root=args.data_root, download=args.download,
                                   cache_dir=args.cache_dir, progress=not args.no_progress, inputs=args.inputs,
-                                  **_device_given(args))
+                                  dataset=args.dataset, save_every_s=args.save_every_min * 60, **_device_given(args))
     if args.parity_index is None and code.r > 1:
         records = train_parities(args.base, args.out, code, optim, arch=args.arch, init=args.init or init, **common)
         folders = parity_set_dirs(args.out, code.r)
@@ -616,7 +635,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     results = [r.to_json() for r in evaluate(args.base, args.parity, split=args.split, data_root=args.data_root,
                                              download=args.download, cache_dir=args.cache_dir, inputs=args.inputs,
-                                             pairing=args.pairing, **_device_given(args))]
+                                             pairing=args.pairing, dataset=args.dataset, **_device_given(args))]
     print(_table(results, ["dataset", "model", "k", "encoder", "available_top1", "degraded_top1",
                            "degraded_top5", "reconstruction_top1", "default_top1", "num_test_groups"]))
     if args.json:

@@ -144,3 +144,35 @@ def test_second_parity_of_an_r2_code(trained: Path, data_root: Path) -> None:
                "--data-root", data_root, cwd=trained)
     assert out.returncode == 0, out.stderr
     assert json.loads((trained / "r2.json").read_text())["degraded_top1"] > 0.3
+
+
+def test_a_checkpoint_trained_on_an_image_folder_evaluates_after_the_folder_moves(tmp_path: Path) -> None:
+    """The record names the folder relative to the data root with a content fingerprint: after
+    `mv`, --data-root NEW finds it; a folder holding other images is refused with what to do."""
+    import shutil
+
+    from fixtures_data import write_image_folder
+
+    for split, n in (("train", 40), ("test", 8)):
+        write_image_folder(tmp_path / "root-a" / "shapes" / split, per_class=n, size_hw=(8, 8))
+    result = parm("train-base", "--dataset", "imagefolder:shapes", "--model", "mlp", "--out", tmp_path / "base",
+                  "--epochs", "1", "--val-size", "20", "--data-root", tmp_path / "root-a", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "base" / "record.json").read_text())
+    assert record["dataset"] == "imagefolder:shapes" and len(record["dataset_fingerprint"]) == 64
+    result = parm("train-parity", "--base", tmp_path / "base", "--k", "2", "--out", tmp_path / "k2", "--epochs", "1",
+                  "--data-root", tmp_path / "root-a", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shutil.move(tmp_path / "root-a", tmp_path / "root-b")
+    moved = parm("eval", "--base", tmp_path / "base", "--parity", tmp_path / "k2", "--data-root", tmp_path / "root-b",
+                 cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr
+    elsewhere = parm("eval", "--base", tmp_path / "base", "--parity", tmp_path / "k2", "--dataset",
+                     f"imagefolder:{tmp_path / 'root-b' / 'shapes'}", cwd=tmp_path)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    write_image_folder(tmp_path / "other" / "shapes" / "test", per_class=3, size_hw=(8, 8))
+    write_image_folder(tmp_path / "other" / "shapes" / "train", per_class=3, size_hw=(8, 8))
+    wrong = parm("eval", "--base", tmp_path / "base", "--parity", tmp_path / "k2", "--data-root", tmp_path / "other",
+                 cwd=tmp_path)
+    assert wrong.returncode != 0 and "does not hold the images" in wrong.stderr and "--data-root" in wrong.stderr
+    assert "Traceback" not in wrong.stderr

@@ -86,7 +86,7 @@ def test_imagefolder_dataset(fixture_root: Path) -> None:
     test = load_dataset(f"imagefolder:{base}", "test")
     assert (len(train), len(test)) == (18, 6)
     assert train.class_names == test.class_names == ("cat", "dog", "eel")
-    assert train.num_classes == 3 and train.mean == test.mean
+    assert train.num_classes == 3 and train.mean != test.mean  # each split's own statistics
     x = train.float_images()  # (18, 3, 12, 10)
     torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(x.std(dim=(0, 2, 3), correction=0), torch.ones(3), atol=1e-3, rtol=0)
@@ -101,3 +101,72 @@ def test_imagefolder_split_mismatch(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "test", classes=("a", "c"), per_class=1)
     with pytest.raises(DataError, match="does not match"):
         load_dataset(f"imagefolder:{tmp_path}", "test")
+
+
+def test_a_folder_is_decoded_once_and_a_changed_file_is_decoded_again(tmp_path: Path, monkeypatch) -> None:
+    """The second read of the same files comes from the decoded cache, without opening any image;
+    rewriting one image (new size and time) makes the next read decode the folder again."""
+    import os
+
+    from parm.data import imagefolder
+
+    write_image_folder(tmp_path / "data", per_class=3)
+    cache = tmp_path / "cache"
+    first = imagefolder.read_image_folder_cached(tmp_path / "data", cache)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    opened = []
+    real_open = imagefolder._open
+    monkeypatch.setattr(imagefolder, "_open", lambda path: opened.append(path) or real_open(path))
+    again = imagefolder.read_image_folder_cached(tmp_path / "data", cache)
+    assert opened == [] and np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2] == again[2]
+    victim = sorted((tmp_path / "data" / "cat").iterdir())[0]
+    Image.new("RGB", (10, 12), (255, 0, 0)).save(victim)
+    os.utime(victim, ns=(1, 1))
+    changed = imagefolder.read_image_folder_cached(tmp_path / "data", cache)
+    assert len(opened) == len(first[1]) and not np.array_equal(first[0], changed[0])
+    (next(cache.glob("*.safetensors"))).write_bytes(b"garbage")  # a damaged entry is decoded again
+    for entry in cache.glob("*.safetensors"):
+        entry.write_bytes(b"garbage")
+    assert np.array_equal(imagefolder.read_image_folder_cached(tmp_path / "data", cache)[0], changed[0])
+
+
+def test_the_test_split_loads_without_decoding_the_training_split(fixture_root: Path, monkeypatch) -> None:
+    from parm.data import imagefolder
+
+    base = fixture_root / "imagefolder"
+    monkeypatch.setenv("PARM_DECODE_CACHE", "0")
+    decoded = []
+    real = imagefolder.read_image_folder
+    monkeypatch.setattr(imagefolder, "read_image_folder", lambda root, **kw: decoded.append(Path(root).name) or real(root, **kw))
+    load_dataset(f"imagefolder:{base}", "test")
+    assert decoded == ["test"]
+
+
+def test_channel_stats_in_chunks_equal_the_whole_computation() -> None:
+    from parm.data.registry import channel_stats
+
+    images = np.random.default_rng(0).integers(0, 256, size=(1000, 3, 8, 8), dtype=np.uint8)
+    mean, std = channel_stats(images, chunk=77)
+    x = images.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(std, x.std(axis=(0, 2, 3)), rtol=1e-6)
+
+
+def test_a_copied_or_moved_folder_keeps_its_identity_and_an_edit_changes_it(tmp_path: Path) -> None:
+    import shutil
+
+    from parm.data.registry import dataset_identity
+
+    write_image_folder(tmp_path / "root" / "shapes" / "train", per_class=2)
+    write_image_folder(tmp_path / "root" / "shapes" / "test", per_class=1)
+    name, fingerprint = dataset_identity("imagefolder:shapes", data_root=tmp_path / "root")
+    assert name == "imagefolder:shapes" and len(fingerprint) == 64  # relative to the data root: portable
+    shutil.copytree(tmp_path / "root", tmp_path / "elsewhere")  # new modification times
+    assert dataset_identity("imagefolder:shapes", data_root=tmp_path / "elsewhere") == (name, fingerprint)
+    outside = dataset_identity(f"imagefolder:{tmp_path / 'elsewhere' / 'shapes'}", data_root=tmp_path / "root")
+    assert outside[1] == fingerprint and outside[0].endswith("elsewhere/shapes")
+    (tmp_path / "elsewhere" / "shapes" / "test" / "cat" / "extra.png").write_bytes(
+        (tmp_path / "root" / "shapes" / "test" / "cat").iterdir().__next__().read_bytes())
+    assert dataset_identity("imagefolder:shapes", data_root=tmp_path / "elsewhere")[1] != fingerprint
+    assert dataset_identity("mnist") == ("mnist", "")

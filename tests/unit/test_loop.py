@@ -103,3 +103,37 @@ def test_lr_schedules() -> None:
     assert lr_at(100, 100, 1e-3, "onecycle") < 1e-7
     values = [lr_at(s, 100, 1.0, "onecycle") for s in range(101)]
     assert max(values) == pytest.approx(1.0) and all(math.isfinite(v) for v in values)
+
+
+@pytest.mark.parametrize("how", ["crash", "ctrl-c"])
+def test_an_interruption_inside_an_epoch_resumes_there_and_ends_as_an_uninterrupted_run(tmp_path: Path,
+                                                                                        how: str) -> None:
+    """With a tiny save interval, state is saved inside epochs; a run killed at step 6 (of 4 per
+    epoch: inside epoch 2) or interrupted with Ctrl-C resumes at that step — the same batches, the
+    same weights — and ends with exactly the weights of a run never interrupted."""
+    import dataclasses
+    import json
+
+    whole = fit(_model(), dataclasses.replace(_spec(tmp_path / "whole"), save_every_s=1e9))
+    want = load_checkpoint(tmp_path / "whole")[0].state_dict()
+
+    steps = {"n": 0}
+
+    def stop_at_6(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        steps["n"] += 1
+        if steps["n"] == 7:  # step 6 (0-based) of the run: after 6 trained steps
+            raise KeyboardInterrupt if how == "ctrl-c" else RuntimeError("the machine went away")
+        return F.mse_loss(pred, target)
+
+    spec = _spec(tmp_path / "cut", loss_fn=stop_at_6)
+    spec = dataclasses.replace(spec, save_every_s=0.0 if how == "crash" else 1e9)  # Ctrl-C saves by itself
+    with pytest.raises(KeyboardInterrupt if how == "ctrl-c" else RuntimeError):
+        fit(_model(), spec)
+    state = json.loads((tmp_path / "cut" / "resume" / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 2)  # inside the second epoch, two steps done
+    resumed = fit(_model(), _spec(tmp_path / "cut"))
+    assert resumed.epochs_run == 2 and resumed.best_epoch == whole.best_epoch
+    got = load_checkpoint(tmp_path / "cut")[0].state_dict()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in whole.history])

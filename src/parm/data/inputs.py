@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parm.data.imagefolder import IMAGE_SUFFIXES, _load
+from parm.data.imagefolder import IMAGE_SUFFIXES, load_image
 from parm.errors import DataError, ShapeError
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _read_images(files: list[Path], shape: tuple[int, ...]) -> tuple[np.ndarray,
     mode = "L" if shape[0] == 1 else "RGB"
     images = np.empty((len(files), *shape), dtype=np.uint8)  # (N, C, H, W)
     for i, path in enumerate(files):
-        images[i] = _load(path, mode, (shape[1], shape[2]))
+        images[i] = load_image(path, mode, (shape[1], shape[2]))
     return images, f"{len(files)} images under {files[0].parent}"
 
 

@@ -14,7 +14,9 @@ to the working folder, or else relative to the data root); its mean/std come fro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +25,11 @@ from typing import Literal
 import numpy as np
 import torch
 
+from parm.data.cache import resolve_cache_dir
 from parm.data.cifar import CIFAR_LAYOUTS, read_cifar
 from parm.data.download import RemoteFile, download_files, md5_file
 from parm.data.idx import read_idx
-from parm.data.imagefolder import read_image_folder
+from parm.data.imagefolder import folder_fingerprint, list_image_folder, read_image_folder_cached
 from parm.data.root import resolve_data_root
 from parm.errors import ConfigError, DataError, ShapeError
 
@@ -371,18 +374,46 @@ def _check_shape(spec: DatasetSpec, images: np.ndarray, folder: Path) -> None:
 
 
 def _load_image_folder(name: str, split: str, data_root: str | Path | None) -> ArrayDataset:
+    """One split of ``imagefolder:PATH``, decoded once (:func:`read_image_folder_cached`); a test
+    split never decodes the training split: class names come from the train folder's listing.
+    mean/std are the loaded split's own (models use their checkpoint record's)."""
     base = _image_folder_base(name[len(IMAGEFOLDER_PREFIX):], data_root)
-    train_images, train_labels, class_names = read_image_folder(base / "train")  # (N, C, H, W), (N,)
-    if split == "train":
-        images, labels = train_images, train_labels
-    else:
-        images, labels, names = read_image_folder(base / split)
-        _check_same_layout(base, split, (names, images.shape[1:]), (class_names, train_images.shape[1:]))
-    mean, std = channel_stats(train_images)
+    images, labels, class_names = read_image_folder_cached(base / split, decoded_cache_dir())  # (N, C, H, W), (N,)
+    if split != "train":
+        train_names = list_image_folder(base / "train")[0]
+        if class_names != train_names:
+            raise DataError(
+                f"{base / split} does not match {base / 'train'}: classes {class_names} vs {train_names}. Both "
+                "splits need the same class folders.", path=base / split)
+    mean, std = channel_stats(images)
     return ArrayDataset(
         name=f"{IMAGEFOLDER_PREFIX}{base}", images=torch.from_numpy(images), labels=torch.from_numpy(labels),
         num_classes=len(class_names), mean=mean, std=std, class_names=tuple(class_names),
     )
+
+
+def decoded_cache_dir() -> Path | None:
+    """Where decoded image folders are kept: ``decoded/`` in the cache directory
+    (:func:`parm.data.cache.resolve_cache_dir`); None when ``PARM_DECODE_CACHE=0``."""
+    if os.environ.get("PARM_DECODE_CACHE", "1") == "0":
+        return None
+    return resolve_cache_dir() / "decoded"
+
+
+def dataset_identity(name: str, data_root: str | Path | None = None) -> tuple[str, str]:
+    """(portable name, content fingerprint) of a dataset: built-in names as they are, with no
+    fingerprint; ``imagefolder:PATH`` with PATH relative to the data root where it lies under it
+    (else as given), and the fingerprint of its train and test folders' file names and sizes."""
+    if not name.startswith(IMAGEFOLDER_PREFIX):
+        return name, ""
+    base = _image_folder_base(name[len(IMAGEFOLDER_PREFIX):], data_root).resolve()
+    root = resolve_data_root(data_root).resolve()
+    shown = base.relative_to(root).as_posix() if base.is_relative_to(root) else str(base)
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        if (base / split).is_dir():
+            digest.update(f"{split}:{folder_fingerprint(base / split)}\n".encode())
+    return f"{IMAGEFOLDER_PREFIX}{shown}", digest.hexdigest()
 
 
 def _image_folder_base(path_text: str, data_root: str | Path | None) -> Path:
@@ -396,20 +427,19 @@ def _image_folder_base(path_text: str, data_root: str | Path | None) -> Path:
     return under_root if under_root.exists() else path
 
 
-def _check_same_layout(base: Path, split: str, got: tuple, train: tuple) -> None:
-    if got != train:
-        raise DataError(
-            f"{base / split} does not match {base / 'train'}: classes {got[0]} vs {train[0]}, image shape (C, H, W) "
-            f"{tuple(got[1])} vs {tuple(train[1])}. Both splits need the same class folders and image size.",
-            path=base / split,
-        )
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W) on the 0..1 scale (a zero std becomes 1)."""
-    x = images.astype(np.float32) / 255.0  # (N, C, H, W)
-    mean = x.mean(axis=(0, 2, 3), dtype=np.float64)  # (C,)
-    std = x.std(axis=(0, 2, 3), dtype=np.float64)  # (C,)
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the 0..1 scale (a zero std becomes 1),
+    summed in chunks of ``chunk`` images (no full float copy)."""
+    channels = images.shape[1]
+    total = np.zeros(channels, dtype=np.float64)
+    squares = np.zeros(channels, dtype=np.float64)
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].astype(np.float64)  # (c, C, H, W), one chunk at a time
+        total += x.sum(axis=(0, 2, 3))
+        squares += np.square(x).sum(axis=(0, 2, 3))
+    count = max(images.shape[0] * images.shape[2] * images.shape[3], 1)
+    mean = total / count / 255.0
+    std = np.sqrt(np.maximum(squares / count / 255.0**2 - mean**2, 0.0))
     if np.any(std == 0):
         logger.warning("some channel is constant (std 0); using std 1 for it")
     return tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)

@@ -64,18 +64,20 @@ def evaluate(
     inputs: str | Path | None = None,
     device: str | torch.device | None = "auto",
     pairing: str = "random",
+    dataset: str | None = None,
 ) -> list[EvalResult]:
     """One EvalResult per parity checkpoint; each must have been trained for ``base_dir``. With
     ``inputs`` (unlabelled inputs, :mod:`parm.data.inputs`) instead of the base's dataset, only
     ``reconstruction_top1`` (agreement of reconstructions with the deployed model) is measured;
     the label-based fields are None and ``split`` is ``"inputs"``. Models run on ``device``
     (:func:`parm.devices.resolve_device`), in float32. ``pairing``: how test queries are grouped
-    (:data:`PAIRINGS`)."""
+    (:data:`PAIRINGS`). ``dataset``: where the base's dataset is now (see
+    :func:`parm.training.parity.load_coded_split`); only the split evaluated is read."""
     if pairing not in PAIRINGS:
         raise ConfigError(f"pairing must be one of {', '.join(PAIRINGS)}; got {pairing!r}", field="pairing",
                           value=pairing)
     where = device if isinstance(device, torch.device) else resolve_device(device)
-    _, base, _, coded = load_coded_split(base_dir, split, data_root=data_root, download=download,
+    _, base, _, coded = load_coded_split(base_dir, split, data_root=data_root, download=download, dataset=dataset,
                                          cache_dir=cache_dir, inputs=inputs, device=where)
     if coded.labels is None:
         available = default = None

@@ -3,8 +3,12 @@ selection, and resumable state.
 
 Resume state lives in ``<out>/resume/`` (``state.json`` + hash-named safetensors, written
 atomically like a checkpoint): model and Adam tensors, the sampling generator's state, the
-epoch reached, the best score so far and the history. Running the same command again
-continues after the last finished epoch; a different configuration is refused by field.
+epoch reached, the best score so far and the history. It is written after every epoch, every
+``save_every_s`` seconds inside an epoch (then with the step reached, the epoch's running loss
+and the generator's state at the epoch's start, so the epoch's batches are drawn again and the
+ones already trained on are skipped), and on Ctrl-C. Running the same command again continues
+where the state left off — an interruption loses at most ``save_every_s`` of training; a
+different configuration is refused by field. The progress bar counts steps, with rate and ETA.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +76,7 @@ class FitSpec:
     desc: str = "train"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the model trains
     precision: str = "fp32"  # the forward pass's autocast type (parm.devices); weights stay float32
+    save_every_s: float = 120.0  # resumable state inside an epoch at least this often (wall clock)
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -115,14 +121,23 @@ class _Fitter:
         self.epoch = 0
         self.result = FitResult(best_epoch=-1, best_metrics={"score": -math.inf})
         self.fingerprint = {**spec.fingerprint, **spec.optim.to_json()}
+        # inside an epoch: steps done, running loss, the generator's state when the epoch began
+        self.step, self.loss_total, self.loss_count = 0, 0.0, 0
+        self.epoch_rng: torch.Tensor | None = None
+        self.bar: Any = None
+        self.last_save = time.monotonic()
 
     def save_state(self) -> None:
+        """Resumable state: at an epoch boundary (step 0), or inside an epoch (step > 0)."""
         opt_tensors, groups = _optim_tensors(self.opt)
+        inside = self.step > 0 and self.epoch_rng is not None
         tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **opt_tensors,
-                   "rng": self.gen.get_state()}
+                   "rng": self.epoch_rng if inside else self.gen.get_state()}
         record = {"epoch": self.epoch, "best_epoch": self.result.best_epoch, "best_metrics": self.result.best_metrics,
-                  "history": self.result.history, "param_groups": groups, "fingerprint": self.fingerprint}
+                  "history": self.result.history, "param_groups": groups, "fingerprint": self.fingerprint,
+                  "step": self.step if inside else 0, "loss_total": self.loss_total, "loss_count": self.loss_count}
         save_tensors(self.spec.state_dir, "state", tensors, record, STATE_RECORD)
+        self.last_save = time.monotonic()
 
     def try_resume(self) -> None:
         if not (self.spec.state_dir / STATE_RECORD).exists():
@@ -142,12 +157,24 @@ class _Fitter:
         self.epoch = int(record["epoch"])
         self.result = FitResult(best_epoch=record["best_epoch"], best_metrics=record["best_metrics"],
                                 history=record["history"])
-        log.info("resuming %s after epoch %d (best so far: epoch %d)", self.spec.desc, self.epoch, self.result.best_epoch)
+        self.step = int(record.get("step", 0))
+        if self.step:
+            self.loss_total, self.loss_count = float(record["loss_total"]), int(record["loss_count"])
+            log.info("resuming %s inside epoch %d at step %d of %d", self.spec.desc, self.epoch + 1, self.step,
+                     self.spec.steps_per_epoch)
+        else:
+            log.info("resuming %s after epoch %d (best so far: epoch %d)", self.spec.desc, self.epoch,
+                     self.result.best_epoch)
 
     def run_epoch(self) -> float:
         self.model.train()
-        total, count = 0.0, 0
+        skip = self.step  # > 0 when resuming inside this epoch: its first batches were trained on
+        if skip == 0:
+            self.loss_total, self.loss_count = 0.0, 0
+        self.epoch_rng = self.gen.get_state()  # the epoch's batches can be drawn again from here
         for step, (inputs, targets) in enumerate(self.spec.batches(self.gen)):
+            if step < skip:
+                continue
             global_step = self.epoch * self.spec.steps_per_epoch + step
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(global_step, self.total_steps, self.spec.optim.lr, self.spec.optim.schedule)
@@ -163,8 +190,13 @@ class _Fitter:
             self.scaler.scale(loss).backward()  # the scaler is a pass-through except for fp16
             self.scaler.step(self.opt)
             self.scaler.update()
-            total, count = total + value, count + 1
-        return total / max(count, 1)
+            self.loss_total, self.loss_count, self.step = self.loss_total + value, self.loss_count + 1, step + 1
+            if self.bar is not None:
+                self.bar.update(1)
+            if time.monotonic() - self.last_save >= self.spec.save_every_s:
+                self.save_state()
+        self.step = 0
+        return self.loss_total / max(self.loss_count, 1)
 
     def _non_finite(self, value: float, step: int) -> None:
         kept = self.spec.best_path if self.result.best_epoch >= 0 else None
@@ -204,13 +236,23 @@ def fit(model: nn.Module, spec: FitSpec) -> FitResult:
     fitter = _Fitter(model, spec)
     fitter.try_resume()
     start = fitter.epoch
-    bar = tqdm(total=spec.optim.epochs, initial=start, desc=spec.desc, disable=not spec.progress, unit="epoch")
+    epochs = spec.optim.epochs
+    bar = tqdm(total=epochs * spec.steps_per_epoch, initial=start * spec.steps_per_epoch + fitter.step,
+               desc=spec.desc, disable=not spec.progress, unit="step", dynamic_ncols=True)
+    fitter.bar = bar
+    last = ""  # the last finished epoch's figures
     try:
-        while fitter.epoch < spec.optim.epochs:
+        while fitter.epoch < epochs:
+            bar.set_postfix_str(f"epoch {fitter.epoch + 1}/{epochs}{last}")
             metrics = fitter.end_epoch(fitter.run_epoch())
-            bar.set_postfix(loss=f"{metrics['train_loss']:.4g}", val=f"{metrics['score']:.4f}",
-                            best=f"{fitter.result.best_metrics['score']:.4f}")
-            bar.update(1)
+            last = (f", loss {metrics['train_loss']:.4g}, val {metrics['score']:.4f}, "
+                    f"best {fitter.result.best_metrics['score']:.4f}")
+    except KeyboardInterrupt:
+        if fitter.step > 0:  # keep what this epoch trained: the same command resumes here
+            fitter.save_state()
+            log.warning("interrupted inside epoch %d at step %d; state saved in %s, run the same command to resume",
+                        fitter.epoch + 1, fitter.step, spec.state_dir)
+        raise
     finally:
         bar.close()
     fitter.result.epochs_run = fitter.epoch - start

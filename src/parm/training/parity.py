@@ -33,12 +33,12 @@ from parm.checkpoint import (
     save_envelope,
 )
 from parm.coding import CodeConfig, InputEnvelope, encode, reconstruct_each
-from parm.data import ArrayDataset, load_dataset, train_val_split
+from parm.data import ArrayDataset, dataset_identity, load_dataset, resolve_data_root, train_val_split
 from parm.data.groups import fixed_groups, sample_groups
 from parm.data.inputs import load_inputs
 from parm.data.registry import Split
 from parm.devices import check_precision, module_device, resolve_device
-from parm.errors import CheckpointError, ConfigError
+from parm.errors import CheckpointError, ConfigError, DataError
 from parm.models import build_model
 from parm.training.config import OptimConfig, ParityConfig
 from parm.training.loop import FitSpec, finished, fit
@@ -181,10 +181,14 @@ def _desc(parity: ParityConfig) -> str:
 def load_coded_split(
     base_dir: str | Path, split: Split, *, data_root: str | Path | None = None, download: bool = False,
     cache_dir: str | Path | None = None, inputs: str | Path | None = None, device: torch.device | None = None,
+    dataset: str | None = None,
 ) -> tuple[torch.nn.Module, ModelRecord, ArrayDataset | None, CodedData]:
     """Base model (on ``device``, default the CPU), its record, and a split of its dataset with cached
     base outputs — or, with ``inputs`` (:func:`parm.data.load_inputs`), those unlabelled inputs
-    instead (no dataset). Inputs and outputs stay on the CPU."""
+    instead (no dataset). Inputs and outputs stay on the CPU. ``dataset`` names where the base's
+    dataset is now (e.g. ``imagefolder:NEW/PATH`` after the folder moved; default: the record's,
+    an image folder's path taken relative to ``data_root``); an image folder must hold the same
+    files (names and sizes) as when the base was trained."""
     base_model, base = load_checkpoint(base_dir)
     base_model = base_model.to(device or "cpu")
     if inputs is not None:
@@ -194,7 +198,16 @@ def load_coded_split(
     if not base.dataset:
         raise ConfigError(f"the base checkpoint {base_dir} records no dataset (it was imported without --dataset); "
                           "pass --inputs PATH with inputs of the deployed model", field="inputs", value=None)
-    data = load_dataset(base.dataset, split, data_root=data_root, download=download)
+    name = dataset or base.dataset
+    if base.dataset_fingerprint:
+        found = dataset_identity(name, data_root)[1]
+        if found != base.dataset_fingerprint:
+            raise DataError(
+                f"{name} (data root {resolve_data_root(data_root)}) does not hold the images the base model in "
+                f"{base_dir} was trained on (its files' names and sizes differ: fingerprint {found[:12]}… vs "
+                f"{base.dataset_fingerprint[:12]}…); pass --dataset imagefolder:PATH or --data-root DIR naming "
+                "where that dataset is now")
+    data = load_dataset(name, split, data_root=data_root, download=download)
     data = data.prepared_for(base.in_shape, base.mean, base.std, model=f"the base model in {base_dir}")
     outputs = cached_outputs(base_model, base.weights_sha256, data, split, cache_dir)
     return base_model, base, data, CodedData(data.float_images(), outputs, data.labels)
@@ -214,6 +227,8 @@ def train_parity(
     inputs: str | Path | None = None,
     device: str | torch.device | None = "auto",
     precision: str = "fp32",
+    dataset: str | None = None,
+    save_every_s: float = 120.0,
 ) -> ModelRecord:
     """Train the parity model for the base checkpoint at ``base_dir``; save the best epoch to ``out``.
     With ``inputs`` (unlabelled inputs of the deployed model, :mod:`parm.data.inputs`) it trains on
@@ -232,6 +247,7 @@ def train_parity(
     where = device if isinstance(device, torch.device) else resolve_device(device)
     check_precision(precision, where)
     base_model, base, _, full = load_coded_split(base_dir, "train", data_root=data_root, download=download,
+                                                 dataset=dataset,
                                                  cache_dir=cache_dir, inputs=inputs, device=where)
     base_optim = base.config.get("optim", {})
     val_size = base_optim.get("val_size", optim.val_size)
@@ -264,6 +280,7 @@ def train_parity(
         batches=_batches(parity, train, optim.batch_size), loss_fn=F.mse_loss, validate=validate,
         save_best=save_best, state_dir=out / RESUME_DIR, fingerprint=_fingerprint(parity, base, digest),
         best_path=out, progress=progress, desc=_desc(parity), device=where, precision=precision,
+        save_every_s=save_every_s,
     )
     result = fit(model, spec)
     log.info("%s: best epoch %d, val reconstruction accuracy %.4f",
@@ -273,12 +290,12 @@ def train_parity(
 
 def write_envelope(base_dir: str | Path, out: str | Path, *, data_root: str | Path | None = None,
                    download: bool = False, cache_dir: str | Path | None = None,
-                   inputs: str | Path | None = None) -> Path:
+                   inputs: str | Path | None = None, dataset: str | None = None) -> Path:
     """Write the input envelope (:class:`parm.coding.InputEnvelope`) of the base's training inputs
     (or of ``inputs``) into the parity checkpoint folder ``out``; training does this itself, this
     adds one to a checkpoint trained before envelopes existed."""
     _, _, _, full = load_coded_split(base_dir, "train", data_root=data_root, download=download, cache_dir=cache_dir,
-                                     inputs=inputs)
+                                     inputs=inputs, dataset=dataset)
     return save_envelope(out, InputEnvelope.fit(full.images))
 
 
@@ -311,6 +328,8 @@ def train_parities(
     inputs: str | Path | None = None,
     device: str | torch.device | None = "auto",
     precision: str = "fp32",
+    dataset: str | None = None,
+    save_every_s: float = 120.0,
 ) -> list[ModelRecord]:
     """Train all ``code.r`` parity models for the base checkpoint at ``base_dir``, one after another
     (:func:`train_parity` each, one progress bar each); returns their records by parity index.
@@ -332,10 +351,11 @@ def train_parities(
         if record is not None:
             log.info("%s: already trained in %s, skipped", _desc(parity), folder)
             if not (Path(folder) / ENVELOPE_FILE).exists():  # trained before envelopes: add one
-                write_envelope(base_dir, folder, data_root=data_root, download=download, cache_dir=cache_dir)
+                write_envelope(base_dir, folder, data_root=data_root, download=download, cache_dir=cache_dir,
+                               dataset=dataset)
         else:
             record = train_parity(base_dir, folder, parity, optim, recipe=recipe, data_root=data_root,
                                   download=download, cache_dir=cache_dir, progress=progress, inputs=inputs,
-                                  device=where, precision=precision)
+                                  device=where, precision=precision, dataset=dataset, save_every_s=save_every_s)
         records.append(record)
     return records
