@@ -113,20 +113,19 @@ def test_a_folder_is_decoded_once_and_a_changed_file_is_decoded_again(tmp_path: 
     write_image_folder(tmp_path / "data", per_class=3)
     cache = tmp_path / "cache"
     first = imagefolder.read_image_folder_cached(tmp_path / "data", cache)
-    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert len(list(cache.glob("*.json"))) == 1 and len(list(cache.glob("*.npy"))) == 2
     opened = []
     real_open = imagefolder._open
     monkeypatch.setattr(imagefolder, "_open", lambda path: opened.append(path) or real_open(path))
     again = imagefolder.read_image_folder_cached(tmp_path / "data", cache)
     assert opened == [] and np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
-    assert first[2] == again[2]
+    assert first[2] == again[2] and first[3] == again[3]  # class names and statistics kept too
     victim = sorted((tmp_path / "data" / "cat").iterdir())[0]
     Image.new("RGB", (10, 12), (255, 0, 0)).save(victim)
     os.utime(victim, ns=(1, 1))
     changed = imagefolder.read_image_folder_cached(tmp_path / "data", cache)
     assert len(opened) == len(first[1]) and not np.array_equal(first[0], changed[0])
-    (next(cache.glob("*.safetensors"))).write_bytes(b"garbage")  # a damaged entry is decoded again
-    for entry in cache.glob("*.safetensors"):
+    for entry in cache.glob("*.npy"):  # a damaged entry is decoded again
         entry.write_bytes(b"garbage")
     assert np.array_equal(imagefolder.read_image_folder_cached(tmp_path / "data", cache)[0], changed[0])
 
@@ -144,7 +143,7 @@ def test_the_test_split_loads_without_decoding_the_training_split(fixture_root: 
 
 
 def test_channel_stats_in_chunks_equal_the_whole_computation() -> None:
-    from parm.data.registry import channel_stats
+    from parm.data.imagefolder import channel_stats
 
     images = np.random.default_rng(0).integers(0, 256, size=(1000, 3, 8, 8), dtype=np.uint8)
     mean, std = channel_stats(images, chunk=77)

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from parm.errors import ConfigError, DataError
@@ -94,19 +92,34 @@ def _class_names(root: Path) -> list[str]:
 
 
 def _list_files(root: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+    files, labels, _ = _scan(root, class_names)
+    return files, labels
+
+
+def _scan(root: Path, class_names: list[str]) -> tuple[list[Path], list[int], list[tuple[int, int]]]:
+    """Image files, labels and (size, mtime_ns) of each, with one stat per file (os.scandir)."""
     files: list[Path] = []
     labels: list[int] = []
+    stats: list[tuple[int, int]] = []
     for label, name in enumerate(class_names):
-        found = sorted(p for p in (root / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found = []
+        with os.scandir(root / name) as entries:
+            for entry in entries:
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    st = entry.stat()
+                    found.append((entry.name, st.st_size, st.st_mtime_ns))
+        found.sort()
         if not found:
             raise DataError(
                 f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                 "add images or remove the folder.",
                 path=root / name,
             )
-        files.extend(found)
+        folder = root / name
+        files.extend(folder / f for f, _, _ in found)
+        stats.extend((size, mtime) for _, size, mtime in found)
         labels.extend([label] * len(found))
-    return files, labels
+    return files, labels, stats
 
 
 def _open(path: Path) -> Image.Image:
@@ -154,46 +167,76 @@ def _decode(path: Path, size_hw: tuple[int, int] | None, first: Path | None, so_
 DECODED_VERSION = 1  # bump when decoding changes, so old cache entries are not reused
 
 
-def _listing(root: Path, files: list[Path], with_mtime: bool) -> bytes:
-    lines = []
-    for path in files:
-        st = path.stat()
-        rel = path.relative_to(root).as_posix()
-        lines.append(f"{rel}\t{st.st_size}" + (f"\t{st.st_mtime_ns}" if with_mtime else ""))
-    return "\n".join(lines).encode()
+def _listing(root: Path, with_mtime: bool) -> tuple[list[str], bytes]:
+    """(class names, one line per image file: class/name, size and, with ``with_mtime``, mtime)."""
+    class_names = _class_names(root)
+    files, _, stats = _scan(root, class_names)
+    lines = [f"{path.parent.name}/{path.name}\t{size}" + (f"\t{mtime}" if with_mtime else "")
+             for path, (size, mtime) in zip(files, stats)]
+    return class_names, "\n".join(lines).encode()
 
 
 def folder_fingerprint(root: str | Path) -> str:
     """sha256 (hex) of ``root``'s image files' relative names and sizes: the same for a copy or
     a moved folder, different when an image is added, removed, renamed or rewritten in size."""
-    root = Path(root)
-    _, files, _ = list_image_folder(root)
-    return hashlib.sha256(_listing(root, files, with_mtime=False)).hexdigest()
+    return hashlib.sha256(_listing(Path(root), with_mtime=False)[1]).hexdigest()
 
 
-def read_image_folder_cached(root: str | Path, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """:func:`read_image_folder`, decoding at most once per folder content: the arrays are kept in
-    ``cache_dir`` (None: no cache) under a key of every file's name, size and modification time,
-    written atomically; an unreadable entry is decoded again."""
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def read_image_folder_cached(root: str | Path, cache_dir: Path | None
+                             ) -> tuple[np.ndarray, np.ndarray, list[str], Stats]:
+    """:func:`read_image_folder` plus the images' :func:`channel_stats`, decoding at most once per
+    folder content: arrays and statistics are kept in ``cache_dir`` (None: no cache) under a key of
+    every file's name, size and modification time, written atomically; an unreadable entry is
+    decoded again. Entries are ``<key>.images.npy``, ``<key>.labels.npy`` and ``<key>.json`` (written
+    last, so a half-written entry is never read)."""
     root = Path(root)
     if cache_dir is None:
-        return read_image_folder(root)
-    class_names, files, _ = list_image_folder(root)
-    key = hashlib.sha256(f"v{DECODED_VERSION}\n".encode() + _listing(root, files, with_mtime=True)).hexdigest()[:32]
-    path = cache_dir / f"{key}.safetensors"
-    if path.exists():
+        images, labels, names = read_image_folder(root)
+        return images, labels, names, channel_stats(images)
+    _, listing = _listing(root, with_mtime=True)
+    key = hashlib.sha256(f"v{DECODED_VERSION}\n".encode() + listing).hexdigest()[:32]
+    paths = {part: cache_dir / f"{key}.{part}" for part in ("images.npy", "labels.npy", "json")}
+    if paths["json"].exists():  # written last: the entry is complete
         try:
-            with safe_open(str(path), framework="numpy") as fh:
-                names = json.loads(fh.metadata()["class_names"])
-                images, labels = fh.get_tensor("images"), fh.get_tensor("labels")
-            logger.info("read %d decoded images of %s from the cache %s", len(labels), root, path)
-            return images, labels, names
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            logger.warning("ignoring unreadable decoded-image cache entry %s (%s); decoding again", path, exc)
+            meta = json.loads(paths["json"].read_text())
+            images, labels = np.load(paths["images.npy"]), np.load(paths["labels.npy"])  # one read each, no copy
+            mean, std = (tuple(float(v) for v in values) for values in meta["stats"])
+            if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (len(images),):
+                raise ValueError(f"arrays of shape {images.shape} and {labels.shape}")
+            logger.info("read %d decoded images of %s from the cache %s", len(labels), root, paths["images.npy"])
+            return images, labels, list(meta["class_names"]), (mean, std)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring unreadable decoded-image cache entry %s (%s); decoding again", paths["json"], exc)
     images, labels, names = read_image_folder(root)
+    stats = channel_stats(images)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"images": images, "labels": labels}, str(tmp), metadata={"class_names": json.dumps(names),
-                                                                          "folder": str(root)})
-    os.replace(tmp, path)
-    return images, labels, names
+    for part, array in (("images.npy", images), ("labels.npy", labels)):
+        tmp = paths[part].with_name(f".{paths[part].name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, paths[part])
+    tmp = paths["json"].with_name(f".{paths['json'].name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"class_names": names, "stats": stats, "folder": str(root), "count": len(labels)}))
+    os.replace(tmp, paths["json"])
+    return images, labels, names, stats
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> Stats:
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the 0..1 scale (a zero std becomes 1),
+    summed in chunks of ``chunk`` images (no full float copy)."""
+    channels = images.shape[1]
+    total = np.zeros(channels, dtype=np.float64)
+    squares = np.zeros(channels, dtype=np.float64)
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].astype(np.float64)  # (c, C, H, W), one chunk at a time
+        total += x.sum(axis=(0, 2, 3))
+        squares += np.square(x).sum(axis=(0, 2, 3))
+    count = max(images.shape[0] * images.shape[2] * images.shape[3], 1)
+    mean = total / count / 255.0
+    std = np.sqrt(np.maximum(squares / count / 255.0**2 - mean**2, 0.0))
+    if np.any(std == 0):
+        logger.warning("some channel is constant (std 0); using std 1 for it")
+    return tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)

@@ -378,14 +378,13 @@ def _load_image_folder(name: str, split: str, data_root: str | Path | None) -> A
     split never decodes the training split: class names come from the train folder's listing.
     mean/std are the loaded split's own (models use their checkpoint record's)."""
     base = _image_folder_base(name[len(IMAGEFOLDER_PREFIX):], data_root)
-    images, labels, class_names = read_image_folder_cached(base / split, decoded_cache_dir())  # (N, C, H, W), (N,)
+    images, labels, class_names, (mean, std) = read_image_folder_cached(base / split, decoded_cache_dir())
     if split != "train":
         train_names = list_image_folder(base / "train")[0]
         if class_names != train_names:
             raise DataError(
                 f"{base / split} does not match {base / 'train'}: classes {class_names} vs {train_names}. Both "
                 "splits need the same class folders.", path=base / split)
-    mean, std = channel_stats(images)
     return ArrayDataset(
         name=f"{IMAGEFOLDER_PREFIX}{base}", images=torch.from_numpy(images), labels=torch.from_numpy(labels),
         num_classes=len(class_names), mean=mean, std=std, class_names=tuple(class_names),
@@ -425,24 +424,6 @@ def _image_folder_base(path_text: str, data_root: str | Path | None) -> Path:
         return path
     under_root = resolve_data_root(data_root) / path
     return under_root if under_root.exists() else path
-
-
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W) on the 0..1 scale (a zero std becomes 1),
-    summed in chunks of ``chunk`` images (no full float copy)."""
-    channels = images.shape[1]
-    total = np.zeros(channels, dtype=np.float64)
-    squares = np.zeros(channels, dtype=np.float64)
-    for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].astype(np.float64)  # (c, C, H, W), one chunk at a time
-        total += x.sum(axis=(0, 2, 3))
-        squares += np.square(x).sum(axis=(0, 2, 3))
-    count = max(images.shape[0] * images.shape[2] * images.shape[3], 1)
-    mean = total / count / 255.0
-    std = np.sqrt(np.maximum(squares / count / 255.0**2 - mean**2, 0.0))
-    if np.any(std == 0):
-        logger.warning("some channel is constant (std 0); using std 1 for it")
-    return tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def _accuracy(model: torch.nn.Module, data: ArrayDataset, index: torch.Tensor | None = None,
-              chunk: int = 4096) -> float:
+              chunk: int = 1024) -> float:
     """Top-1 accuracy on ``data`` (or its rows ``index``), normalising one chunk at a time."""
     rows = torch.arange(len(data)) if index is None else index
     correct = 0
     for i in range(0, len(rows), chunk):
         part = rows[i:i + chunk]
-        correct += int(topk_correct(model_outputs(model, data.float_images(part)), data.labels[part]).sum())
+        correct += int(topk_correct(model_outputs(model, data.float_images(part), chunk), data.labels[part]).sum())
     return correct / max(len(rows), 1)
 
 
