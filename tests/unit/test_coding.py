@@ -211,3 +211,19 @@ def test_the_tile_mlp_sees_each_tile_alone() -> None:
     assert moved.tolist() == [j == 3 for j in range(8)]
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert sum(m.in_features * m.out_features for m in linear) * 8 < 784 * 200 + 200 * 100 + 100 * 10
+
+
+@pytest.mark.parametrize("encoder", ["concat", "tiles"])
+def test_tiled_rgb_parity_images_keep_channels_aligned(encoder: str) -> None:
+    """Each member's red, green and blue planes land in the same tile of the red, green and blue
+    planes of the parity image: channels are never permuted or mixed across members."""
+    k = 4
+    x = torch.zeros(1, k, 3, 32, 32)
+    for j in range(k):
+        for c in range(3):
+            x[0, j, c] = 10 * j + c + 1  # member j, channel c: a constant plane
+    parity = encode(CodeConfig(k=k, encoder=encoder), x)[0, 0]  # (3, 32, 32): a 2x2 grid of 16x16 tiles
+    for j in range(k):
+        row, col = divmod(j, 2)
+        for c in range(3):
+            assert parity[c, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16].eq(10 * j + c + 1).all(), (j, c)
