@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10, cifar100 or imagefolder:PATH")
     p.add_argument("--model", required=True, help="mlp, lenet5, resnet18, resnet18-28 or module.path:factory")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
-    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (15)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: the recipe's (15; 40 with crop-flip augmentation)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -546,14 +547,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train_base(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from parm.training import train_base
 
-    from parm.training import base_recipe, train_base
-
-    optim = base_recipe(args.epochs, args.seed)
-    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    optim = replace(optim, val_size=args.val_size, **overrides)
-    record = train_base(args.dataset, args.model, args.out, optim=optim, data_root=args.data_root,
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+                 if v is not None}
+    overrides.update(seed=args.seed, val_size=args.val_size)
+    record = train_base(args.dataset, args.model, args.out, recipe_overrides=overrides, data_root=args.data_root,
                         download=args.download, progress=not args.no_progress, normalise=args.normalise == "dataset",
                         save_every_s=args.save_every_min * 60, augment=args.augment, **_device_given(args))
     print(f"{record.arch} on {record.dataset}: test accuracy (A_a) {record.metrics['available_top1']:.4f}, "

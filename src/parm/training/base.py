@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,7 @@ def train_base(
     normalise: bool = True,
     save_every_s: float = 120.0,
     augment: str = "auto",
+    recipe_overrides: Mapping[str, Any] | None = None,
 ) -> ModelRecord:
     """Train ``arch`` on ``dataset``; keep the epoch with the best validation accuracy.
 
@@ -125,7 +127,6 @@ def train_base(
     (:func:`parm.devices.resolve_device`) is where the model trains and is tested; ``precision``
     (fp32, bf16, fp16) the autocast type of its training forward passes (evaluation: float32).
     """
-    optim = optim or base_recipe()
     out = Path(out)
     check_arch(arch)  # an unknown --model fails before the dataset loads
     where = device if isinstance(device, torch.device) else resolve_device(device)
@@ -135,6 +136,8 @@ def train_base(
     if not normalise:  # x/255 only
         train = dataclasses.replace(train, mean=(0.0,) * len(train.mean), std=(1.0,) * len(train.std))
     augment = resolve_augment(augment, train.image_shape[0])
+    if optim is None:  # the recipe for this augmentation, with the fields given in recipe_overrides
+        optim = dataclasses.replace(base_recipe(augment=augment), **dict(recipe_overrides or {}))
     train_idx, val_idx = train_val_split(len(train), optim.val_size, optim.seed)
     torch.manual_seed(optim.seed)
     model = build_model(arch, train.image_shape, train.num_classes)

@@ -75,9 +75,14 @@ class ParityConfig:
                 "parity_index": self.parity_index, "arch": self.arch, "init": self.init}
 
 
-def base_recipe(epochs: int | None = None, seed: int = 0) -> OptimConfig:
-    """Deployed-model training: Adam 1e-3, batch 128, cosine decay, 15 epochs unless told."""
-    return OptimConfig(epochs=epochs or 15, batch_size=128, lr=1e-3, weight_decay=0.0, schedule="cosine", seed=seed)
+def base_recipe(epochs: int | None = None, seed: int = 0, augment: str = "none") -> OptimConfig:
+    """Deployed-model training: Adam 1e-3, batch 128, cosine decay; 15 epochs unless told, 40 with
+    crop-flip augmentation (chosen on validation: LeNet-5 on CIFAR-10 reaches 0.650 validation
+    accuracy in 40 augmented epochs against 0.628 for 40 plain ones, which peak at epoch 17, and
+    0.598 for 15 augmented ones; docs/DATA.md)."""
+    default = 40 if augment == "crop-flip" else 15
+    return OptimConfig(epochs=epochs or default, batch_size=128, lr=1e-3, weight_decay=0.0, schedule="cosine",
+                       seed=seed)
 
 
 def parity_recipe(name: str, k: int, epochs: int | None = None, seed: int = 0) -> tuple[OptimConfig, str]:
