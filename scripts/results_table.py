@@ -85,7 +85,28 @@ def main(root: Path) -> None:
             print(f"| {k} | {enc} | {a_a if a_a is None else f'{a_a:.4f}'} | " + " | ".join(cells) + " |")
 
 
+def two_bases(root: Path) -> None:
+    """The same parity recipes on two MNIST base models: runs/results/default (15 epochs, seed 0) and
+    runs/results/default-b2 (``TAG=-b2 BASE_ARGS="--seed 1 --epochs 30"``)."""
+    bases = [("default", "base 1 (15 epochs, seed 0)"), ("default-b2", "base 2 (30 epochs, seed 1)")]
+    print("\n### mnist: two base models (A_d, mean ± sd over parity seeds)\n")
+    print("| k | encoder | " + " | ".join(label for _, label in bases) + " |")
+    print("|---|---|" + "---|" * len(bases))
+    a_a = []
+    for folder, _ in bases:
+        runs = _seeds(root / folder, "mnist-k2-add")
+        a_a.append(f"{runs[0][0]['available_top1']:.4f}" if runs else "—")
+    print("| — | A_a | " + " | ".join(a_a) + " |")
+    for k, enc in ((2, "add"), (8, "tiles")):
+        cells = []
+        for folder, _ in bases:
+            runs = _seeds(root / folder, f"mnist-k{k}-{enc}")
+            cells.append(_mean_sd([r["degraded_top1"] for r, _ in runs]) if runs else "not run")
+        print(f"| {k} | {enc} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/results")
     main(root)
     large_k(root)
+    two_bases(root)
