@@ -1,7 +1,7 @@
 """Seconds per epoch of parity training, MNIST MLP k = 2: ParM's in-memory tensor loop against
 the common DataLoader loops over per-sample items.
 
-    PARM_DATA_ROOT=../shared/data python benchmarks/parity_epoch_speed.py [--epochs 3] [--threads 1]
+    PARM_DATA_ROOT=/path/to/data python benchmarks/parity_epoch_speed.py [--epochs 3] [--threads 1]
 
 Every loop does the same work per step: form groups of k, encode with the addition encoder,
 run the parity MLP, MSE against the sum of base outputs, Adam step. The baselines:
