@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from parm._version import __version__
+from parm.coding.config import CodeConfig
 from parm.coding.envelope import InputEnvelope
 from parm.errors import CheckpointError, CheckpointMismatchError
 from parm.models import build_model
@@ -192,11 +193,19 @@ def load_record(directory: str | Path) -> ModelRecord:
     return ModelRecord.from_json(_read_record(Path(directory), RECORD_FILE), Path(directory) / RECORD_FILE)
 
 
+def build_parity_model(arch: str, in_shape: tuple[int, ...], num_classes: int, code: CodeConfig) -> nn.Module:
+    """An untrained parity model of ``code``: num_classes outputs, or k·num_classes (a prediction
+    per member, built knowing k) for a code that predicts each member apart (``tiles``)."""
+    if code.per_query:
+        return build_model(arch, in_shape, num_classes * code.k, k=code.k)
+    return build_model(arch, in_shape, num_classes)
+
+
 def build_record_model(record: ModelRecord) -> nn.Module:
-    """The untrained model a record describes: a parity model of the ``tiles`` code outputs
-    k·num_classes (a prediction per member) and is built knowing k."""
-    if record.kind == "parity" and record.encoder == "tiles" and record.k is not None:
-        return build_model(record.arch, record.in_shape, record.num_classes * record.k, k=record.k)
+    """The untrained model a record describes (:func:`build_parity_model` for a parity record)."""
+    if record.kind == "parity" and record.k is not None and record.encoder is not None:
+        code = CodeConfig(record.k, record.r or 1, record.encoder)
+        return build_parity_model(record.arch, record.in_shape, record.num_classes, code)
     return build_model(record.arch, record.in_shape, record.num_classes)
 
 

@@ -456,10 +456,7 @@ class _App:
             n = queries.shape[0]
             if self._recorder is not None:
                 self._recorder.offer(queries)
-            if tenant is None:
-                predictions = await self._service.predict(queries)
-            else:  # coding groups never mix tenants
-                predictions = await self._service.predict(queries, tenant=tenant)
+            predictions = await self._service.predict(queries, tenant=tenant)  # groups never mix tenants
         except BadQueryError:
             self._rejected_bad.inc(n)
             raise

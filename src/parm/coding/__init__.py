@@ -2,7 +2,7 @@
 
 from parm.coding.berrut import berrut_decode, berrut_encode, berrut_nodes, berrut_reconstruct_each
 from parm.coding.config import ENCODERS, CodeConfig
-from parm.coding.decoders import decode, reconstruct_each, subtract
+from parm.coding.decoders import decode, member_prediction, reconstruct_each, subtract
 from parm.coding.encoders import concat_grid, encode, encode_add, encode_concat
 from parm.coding.envelope import InputEnvelope
 
@@ -19,6 +19,7 @@ __all__ = [
     "encode",
     "encode_add",
     "encode_concat",
+    "member_prediction",
     "reconstruct_each",
     "subtract",
 ]

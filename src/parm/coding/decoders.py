@@ -56,14 +56,20 @@ def subtract(config: CodeConfig, parity_out: torch.Tensor, known: list[torch.Ten
     ``tiles`` code, parity_out is (B, k·C) and the answer is its slice j; ``known`` is unused.)
     """
     if config.per_query:
-        classes = parity_out.shape[-1] // config.k
-        return parity_out[:, missing * classes:(missing + 1) * classes].clone()
+        return member_prediction(config, parity_out, missing)
     w = config.weights(torch.float64)[0]  # (k,)
     others = [i for i in range(config.k) if i != missing]
     out = parity_out.clone()
     for i, value in zip(others, known):
         out.sub_(value, alpha=float(w[i])) if float(w[i]) != 1.0 else out.sub_(value)
     return out if float(w[missing]) == 1.0 else out.div_(float(w[missing]))
+
+
+def member_prediction(config: CodeConfig, parity_out: torch.Tensor, position: int) -> torch.Tensor:
+    """The ``tiles`` code: member ``position``'s output as the parity model predicted it, (B, C)
+    out of the parity output (B, k·C)."""
+    classes = parity_out.shape[-1] // config.k
+    return parity_out[:, position * classes:(position + 1) * classes].clone()
 
 
 def decode(

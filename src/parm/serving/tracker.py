@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parm.coding import CodeConfig, decode, subtract
+from parm.coding import CodeConfig, decode, member_prediction, subtract
 from parm.serving.types import Source
 
 
@@ -274,7 +274,7 @@ class GroupTracker:
         if self.code.per_query:  # the tiles code: each missing member is its slice of the parity output
             parity_out = group.parity[0]
             assert parity_out is not None
-            return [subtract(self.code, parity_out, [], i) if i in unknown else None for i in range(self.code.k)]
+            return [member_prediction(self.code, parity_out, i) if i in unknown else None for i in range(self.code.k)]
         if self.code.r == 1 and len(unknown) == 1:  # the common case: plain subtraction
             j = unknown[0]
             known = [self._known(group, i) for i in range(self.code.k) if i != j]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from parm.checkpoint import (
     ENVELOPE_FILE,
     ModelRecord,
+    build_parity_model,
     check_parity_matches,
     load_checkpoint,
     load_record,
@@ -39,7 +40,6 @@ from parm.data.inputs import load_inputs
 from parm.data.registry import Split
 from parm.devices import check_precision, module_device, resolve_device
 from parm.errors import CheckpointError, ConfigError, DataError
-from parm.models import build_model
 from parm.training.config import OptimConfig, ParityConfig
 from parm.training.loop import FitSpec, finished, fit
 from parm.training.metrics import degraded_metrics
@@ -120,10 +120,7 @@ def parity_arch(parity: ParityConfig, base_arch: str) -> str:
 
 def _init_parity_model(parity: ParityConfig, base_record: ModelRecord, base_model: torch.nn.Module) -> torch.nn.Module:
     arch = parity_arch(parity, base_record.arch)
-    if parity.code.per_query:  # a prediction per member: k·classes outputs
-        model = build_model(arch, base_record.in_shape, base_record.num_classes * parity.code.k, k=parity.code.k)
-    else:
-        model = build_model(arch, base_record.in_shape, base_record.num_classes)
+    model = build_parity_model(arch, base_record.in_shape, base_record.num_classes, parity.code)
     if parity.init == "base":
         if arch != base_record.arch:
             raise ConfigError(
