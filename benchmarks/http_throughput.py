@@ -1,13 +1,16 @@
 """End-to-end HTTP throughput and latency of `parm serve`, driven by wrk (a real HTTP load generator).
 
     python benchmarks/http_throughput.py --base runs/mnist-mlp/base --parity runs/mnist-mlp/k2-add \\
-        [--modes none,coded] [--batch-sizes 1,8] [--connections 32] [--seconds 10] [--instances 2] [--repeats 3]
+        [--modes none,coded] [--batch-sizes 1,16] [--batch-policies wait,idle] [--connections 32] [--seconds 8] \
+        [--instances 2] [--repeats 3]
 
 Needs `wrk` on the PATH (Debian/Ubuntu: apt-get install wrk). For each mode and batch size it starts
 `parm serve` on 127.0.0.1 (no emulated accelerator time: `--emulated-ms 0`, so the model is the MNIST
 MLP's ~0.1 ms and the rest is serving overhead), sends one-query JSON requests of a real test image
 from `--connections` keep-alive connections for `--seconds` (after a 2 s warm-up), and prints
-answers/s, p50/p99 latency and non-2xx responses; then p50 at low load (1 connection). Each
+answers/s, p50/p99 latency and non-2xx responses; then p50 at low load (1 connection) of the same
+server. Batch policy ``wait`` forms a partial batch after ``--batch-wait-ms`` (1 ms); ``idle`` forms it at
+once when a data instance is idle (dynamic batching, ``parm serve --batch-policy idle``). Each
 configuration runs ``--repeats`` times, each with a fresh server; the table gives the median and the
 range (min–max) over them. Everything runs on this machine, so wrk's own CPU is part of what the cores
 do: say so when you quote it.
@@ -29,9 +32,10 @@ from pathlib import Path
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def _start(args: argparse.Namespace, mode: str, batch: int) -> tuple[subprocess.Popen, int]:
+def _start(args: argparse.Namespace, mode: str, batch: int, policy: str) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "parm.cli", "serve", "--base", str(args.base), "--mode", mode, "--instances",
-           str(args.instances), "--batch-size", str(batch), "--emulated-ms", "0", "--host", "127.0.0.1",
+           str(args.instances), "--batch-size", str(batch), "--batch-policy", policy, "--emulated-ms", "0",
+           "--host", "127.0.0.1",
            "--port", "0", "--max-pending", "100000"]
     if mode in ("coded", "coded-hedge"):
         cmd += ["--parity", str(args.parity)]
@@ -57,6 +61,10 @@ def _wrk(port: int, script: Path, connections: int, seconds: float) -> dict[str,
     return result
 
 
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _spread(runs: list[dict[str, float]], key: str, digits: int) -> str:
     """median [min, max] of ``key`` over the runs."""
     values = sorted(r[key] for r in runs)
@@ -68,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--parity", type=Path, default=None, help="needed for modes coded and coded-hedge")
     parser.add_argument("--modes", default="none,coded")
-    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--batch-policies", default="wait,idle", help="wait and/or idle (see above)")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, each a fresh server")
@@ -90,26 +99,29 @@ def main(argv: list[str] | None = None) -> int:
         script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                           f"wrk.body = {json.dumps(body)}\n")
         print(f"{args.repeats} runs per row: median [min, max]", flush=True)
-        print(f"{'mode':12s} {'batch':>5s} {'answers/s':>20s} {'p50 ms':>20s} {'p99 ms':>20s} {'non-2xx':>8s} "
+        print(f"{'mode':12s} {'batch':>5s} {'policy':>6s} {'answers/s':>20s} {'p50 ms':>20s} {'p99 ms':>20s} {'non-2xx':>8s} "
               f"{'p50 ms at 1 conn':>20s}  socket errors", flush=True)
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
-                runs = []
-                for _ in range(args.repeats):
-                    proc, port = _start(args, mode, batch)
-                    try:
-                        _wrk(port, script, args.connections, 2.0)  # warm-up
-                        loaded = _wrk(port, script, args.connections, args.seconds)
-                        loaded["light_p50_ms"] = _wrk(port, script, 1, min(args.seconds, 5.0))["p50_ms"]
-                        runs.append(loaded)
-                    finally:
-                        proc.send_signal(signal.SIGINT)
-                        proc.wait(timeout=60)
+        rows = [(mode, batch, policy) for mode in _items(args.modes) for batch in map(int, _items(args.batch_sizes))
+                for policy in _items(args.batch_policies)]
+        for mode, batch, policy in rows:
+            if batch == 1 and policy == "idle" and "wait" in _items(args.batch_policies):
+                continue  # a batch of one is full at once: both policies are the same server
+            runs = []
+            for _ in range(args.repeats):
+                proc, port = _start(args, mode, batch, policy)
+                try:
+                    _wrk(port, script, args.connections, 2.0)  # warm-up
+                    loaded = _wrk(port, script, args.connections, args.seconds)
+                    loaded["light_p50_ms"] = _wrk(port, script, 1, min(args.seconds, 5.0))["p50_ms"]
+                    runs.append(loaded)
+                finally:
+                    proc.send_signal(signal.SIGINT)
+                    proc.wait(timeout=60)
 
-                errors = {str(r["socket_errors"]) for r in runs}
-                print(f"{mode:12s} {batch:5d} {_spread(runs, 'answers_s', 0):>20s} {_spread(runs, 'p50_ms', 2):>20s} "
-                      f"{_spread(runs, 'p99_ms', 2):>20s} {sum(r['non_2xx'] for r in runs):8.0f} "
-                      f"{_spread(runs, 'light_p50_ms', 2):>20s}  {', '.join(sorted(errors))}", flush=True)
+            errors = {str(r["socket_errors"]) for r in runs}
+            print(f"{mode:12s} {batch:5d} {policy:>6s} {_spread(runs, 'answers_s', 0):>20s} {_spread(runs, 'p50_ms', 2):>20s} "
+                  f"{_spread(runs, 'p99_ms', 2):>20s} {sum(r['non_2xx'] for r in runs):8.0f} "
+                  f"{_spread(runs, 'light_p50_ms', 2):>20s}  {', '.join(sorted(errors))}", flush=True)
     return 0
 
 

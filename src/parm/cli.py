@@ -336,6 +336,9 @@ _SERVING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--k", "k", int, "coding group size (default: the parity checkpoint's, else {})"),
     ("--batch-size", "batch_size", int, "queries per batch (default: {})"),
     ("--batch-wait-ms", "batch_wait_ms", float, "longest a query waits for its batch to fill (default: {})"),
+    ("--batch-policy", "batch_policy", str,
+     "wait: a partial batch forms after --batch-wait-ms; idle: also at once when a data instance is idle "
+     "(dynamic batching: no wait at low load, full batches under load) (default: {})"),
     ("--group-wait-ms", "group_wait_ms", float, "longest an open coding group waits for members (default: {})"),
     ("--deadline-ms", "deadline_ms", float, "a query with no answer by then fails (default: {})"),
     ("--stall-timeout-ms", "stall_timeout_ms", float, "an instance silent this long is restarted (default: {})"),
@@ -360,7 +363,7 @@ def _add_system_args(p: argparse.ArgumentParser, *, serve: bool) -> None:
     """The system's options; every one defaults to None (not given), so that the defaults stay in
     ServingConfig and SystemSpec (``parm serve``) or the demo experiment (``parm demo``)."""
     from parm.serving import ServingConfig
-    from parm.serving.config import DISPATCH, ENVELOPE_ACTIONS, MODES
+    from parm.serving.config import BATCH_POLICIES, DISPATCH, ENVELOPE_ACTIONS, MODES
     from parm.system import SystemSpec
 
     def spec_default(name: str) -> str:
@@ -376,7 +379,7 @@ def _add_system_args(p: argparse.ArgumentParser, *, serve: bool) -> None:
         p.add_argument("--mode", default=None,
                        help=f"{', '.join(MODES)} (default: {ServingConfig.default('mode')})")
     for flag, name, kind, text in _SERVING_FLAGS:
-        choices = {"dispatch": DISPATCH, "input_envelope": ENVELOPE_ACTIONS}.get(name)
+        choices = {"dispatch": DISPATCH, "input_envelope": ENVELOPE_ACTIONS, "batch_policy": BATCH_POLICIES}.get(name)
         p.add_argument(flag, dest=name, type=kind, default=None, choices=choices,
                        metavar=None if choices else flag[2:].replace("-", "_").upper(),
                        help=text.format(ServingConfig.default(name)))

@@ -125,6 +125,34 @@ def test_a_request_larger_than_max_pending_is_413_not_retry_later(server) -> Non
     assert _predict(port, {"inputs": np.zeros((10, 784)).tolist()})[0] == 200
 
 
+def test_idle_batching_starts_a_lone_query_at_once_and_answers_concurrent_ones(tiny_checkpoints) -> None:
+    """--batch-policy idle with a 2 s batch wait: a lone query is answered long before its batch of 8
+    could fill or time out, and concurrent requests (batched together) all get their own answers."""
+    import concurrent.futures
+
+    base, parity = tiny_checkpoints
+    proc, port = _start_server(["--base", str(base), "--parity", str(parity), "--instances", "2", "--mode", "coded",
+                                "--batch-size", "8", "--batch-policy", "idle", "--batch-wait-ms", "2000"])
+    try:
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((24, *SHAPE)).astype(np.float32)
+        for i in range(3):
+            t0 = time.monotonic()
+            status, out = _predict(port, {"inputs": [x[i].reshape(-1).tolist()]})
+            assert status == 200 and out["outputs"][0]["latency_ms"] < 1000 and time.monotonic() - t0 < 1.5
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda q: _predict(port, {"inputs": [q.reshape(-1).tolist()]}), x))
+        alone = [_predict(port, {"inputs": [q.reshape(-1).tolist()]}) for q in x[:4]]
+        assert all(status == 200 and len(out["outputs"]) == 1 for status, out in results + alone)
+        for (_, together), (_, single) in zip(results, alone):  # each answer is its own query's, not a neighbour's
+            a, b = together["outputs"][0], single["outputs"][0]
+            if a["source"] == b["source"] == "original":
+                np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4, atol=1e-4)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
 def test_crash_mid_traffic_loses_nothing_then_metrics_and_health(server) -> None:
     _, port = server
     rng = np.random.default_rng(1)

@@ -406,6 +406,67 @@ def test_batching_sends_full_batches_at_once_and_pads_a_partial_batch_after_batc
     assert count(frontend) == 6 and count(frontend, Source.ORIGINAL) == 6
 
 
+@pytest.mark.parametrize("mode, dispatch", [("none", "shared"), ("coded", "shared"), ("none", "round_robin")])
+def test_idle_batching_starts_a_partial_batch_at_once_and_fills_batches_while_instances_are_busy(
+        mode: str, dispatch: str) -> None:
+    # batch policy "idle": with m = 1 and a 10 ms model, two queries sent together start at once as one
+    # batch (not after the 50 ms batch_wait_ms); three more sent while it runs wait for the instance, not
+    # for batch_wait_ms, and go together as soon as it frees up
+    frontend, backend = build(mode, m=1, k=2, batch_size=4, batch_wait_ms=50, batch_policy="idle", delay_s=0.01,
+                              dispatch=dispatch)
+    qs = queries(5, seed=41)
+
+    async def main():
+        async with serving(frontend):
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(0.1)  # past start-up work (the coded policy's probes)
+            n0 = len(backend.sends)
+            first = [frontend.submit(q) for q in qs[:2]]  # one request's queries, one event-loop turn
+            assert len(backend.sends) == n0  # formed at the end of the turn, so both share the batch
+            await asyncio.sleep(0.001)
+            data = [s for s in backend.sends[n0:] if s.role == "data"]
+            assert len(data) == 1 and torch.equal(data[0].inputs[:2], qs[:2])
+            assert torch.equal(data[0].inputs[2:], torch.zeros(2, *S))
+            t0 = loop.time()
+            later = [frontend.submit(q) for q in qs[2:]]
+            await asyncio.sleep(0.001)
+            assert len([s for s in backend.sends[n0:] if s.role == "data"]) == 1  # the instance is busy: they wait
+            preds = await answers(first + later)
+            return preds, loop.time() - t0, [s for s in backend.sends[n0:] if s.role == "data"]
+
+    preds, waited, data = run(main())
+    assert len(data) == 2 and torch.equal(data[1].inputs[:3], qs[2:])
+    assert_true_scores(preds, qs)
+    assert waited < 0.05  # the second batch started when the instance freed up (~10 ms), not at batch_wait_ms
+    assert all(p.latency_ms < 25 for p in preds)
+
+
+def test_idle_batching_waits_for_batch_wait_ms_when_every_instance_is_busy() -> None:
+    frontend, backend = build("none", m=1, batch_size=4, batch_wait_ms=5, batch_policy="idle", delay_s=1.0)
+    qs = queries(2, seed=42)
+
+    async def main():
+        async with serving(frontend):
+            first = frontend.submit(qs[0])
+            await asyncio.sleep(0.001)  # the lone query starts at once and holds the only instance for 1 s
+            second = frontend.submit(qs[1])
+            await asyncio.sleep(0.003)
+            before = (len(frontend._batches), frontend.batcher.lanes())  # still waiting for its batch
+            await asyncio.sleep(0.005)  # past batch_wait_ms: its partial batch formed and waits to be sent
+            after = (len(frontend._batches), frontend.batcher.lanes(), len(backend.sends))
+            return await answers([first, second]), before, after
+
+    preds, before, after = run(main())
+    assert before == (1, 1) and after == (2, 0, 1)
+    assert_true_scores(preds, qs)
+    assert len(backend.sends) == 2 and preds[1].latency_ms >= 990  # it waited for the instance, then ran
+
+
+def test_batch_policy_is_checked() -> None:
+    with pytest.raises(ConfigError, match="batch_policy must be one of"):
+        ServingConfig(query_shape=S, batch_policy="eager")
+
+
 # ---- stalls, deadlines ------------------------------------------------------------------------
 def test_a_stalled_instance_is_killed_and_its_batch_resent_elsewhere() -> None:
     frontend, backend = build("none", m=2, stall_timeout_ms=30)

@@ -2,6 +2,13 @@
 ``batch_wait_ms`` otherwise (zero-padded up to ``batch_size``, so every instance always sees
 the same input shape).
 
+With ``form_now`` (batch policy "idle": dynamic batching), a partial batch also forms as soon as
+``form_now()`` says an instance could start it at once: at the end of the event-loop turn in
+which its first query arrived (so the queries of one request, and of every request read in the
+same turn, still share a batch), and whenever :meth:`form_idle` is called (the frontend calls it
+when an instance frees up). At low load a query then never waits for its batch to fill; under
+load the instances are busy, queries accumulate while they are, and batches fill.
+
 Queries are batched in lanes, and a batch never mixes lanes. A lane is (coded, pool): queries
 that must not be coded (outside the parity model's input envelope) have lanes of their own
 (``Batch.coded`` False), so such a query never shares a batch, and hence a coding group, with
@@ -45,8 +52,10 @@ class Batcher:
     """Collects queries and hands each formed :class:`Batch` to ``on_batch``."""
 
     def __init__(self, batch_size: int, wait_s: float, query_shape: tuple[int, ...], clock: Callable[[], float],
-                 on_batch: Callable[[Batch], None]) -> None:
+                 on_batch: Callable[[Batch], None], form_now: Callable[[], bool] | None = None) -> None:
         self.batch_size = batch_size
+        self.form_now = form_now
+        self._form_scheduled = False
         self.wait_s = wait_s
         self.query_shape = query_shape
         self.clock = clock
@@ -63,8 +72,24 @@ class Batcher:
         lane.pending.append((query, future, self.clock()))
         if len(lane.pending) >= self.batch_size:
             self.flush(coded, pool)
-        elif lane.timer is None:
+            return
+        if lane.timer is None:
             lane.timer = asyncio.get_running_loop().call_later(self.wait_s, self.flush, coded, pool)
+        if self.form_now is not None and not self._form_scheduled:
+            self._form_scheduled = True
+            asyncio.get_running_loop().call_soon(self.form_idle)
+
+    def form_idle(self) -> None:
+        """Policy "idle": form partial batches, the lane whose first query waited longest first, while
+        ``form_now()`` says one could start at once (each batch formed takes an idle instance)."""
+        self._form_scheduled = False
+        if self.form_now is None:
+            return
+        for _ in range(len(self._lanes)):  # bounded: at most one batch per lane and call
+            if not self._lanes or not self.form_now():
+                return
+            key = min(self._lanes, key=lambda lane_key: self._lanes[lane_key].pending[0][2])
+            self._form(key)
 
     def lanes(self) -> int:
         """Lanes holding queries now."""
@@ -72,7 +97,11 @@ class Batcher:
 
     def flush(self, coded: bool = True, pool: Hashable = None) -> None:
         """Form every full batch of the lane, and the partial one if its first query waited ``wait_s``."""
-        key = (coded, pool)
+        self._form((coded, pool))
+
+    def _form(self, key: tuple[bool, Hashable]) -> None:
+        """Form the lane's first batch (partial or not), then every further full one."""
+        coded, pool = key
         lane = self._lanes.get(key)
         if lane is None:
             return

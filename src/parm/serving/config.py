@@ -17,6 +17,7 @@ CODED_MODES: tuple[str, ...] = ("coded", "coded-hedge")
 """Modes that run parity instances (and need a parity checkpoint)."""
 DISPATCH: tuple[str, ...] = ("shared", "round_robin")
 ENVELOPE_ACTIONS: tuple[str, ...] = ("uncoded", "reject", "off")
+BATCH_POLICIES: tuple[str, ...] = ("wait", "idle")
 """What coded modes do with a query outside the parity model's input envelope (parm.coding.envelope):
 serve it outside every coding group, refuse it (422), or code it anyway (no check)."""
 
@@ -69,6 +70,9 @@ class ServingConfig:
     encoder: str = "add"
     batch_size: int = 1
     batch_wait_ms: float = 1.0  # longest a query waits for its batch to fill
+    # "wait": a partial batch forms after batch_wait_ms; "idle" (dynamic batching): also at once when a
+    # data instance is idle with nothing queued (see parm.serving.batcher), so at low load no query waits
+    batch_policy: str = "wait"
     group_wait_ms: float = 20.0  # longest an open coding group waits before being encoded with zeros
     max_in_flight: int = 1  # batches sent to one instance and not yet answered (see dispatch.py)
     dispatch: str = "shared"  # shared pull queue, or per-instance round robin
@@ -107,6 +111,9 @@ class ServingConfig:
         for name in ("batch_wait_ms", "group_wait_ms", "deadline_ms", "stall_timeout_ms", "hedge_min_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}", field=name, value=getattr(self, name))
+        if self.batch_policy not in BATCH_POLICIES:
+            raise ConfigError(f"batch_policy must be one of {BATCH_POLICIES}; got {self.batch_policy!r}",
+                              field="batch_policy", value=self.batch_policy)
         if self.input_envelope not in ENVELOPE_ACTIONS:
             raise ConfigError(f"input_envelope must be one of {ENVELOPE_ACTIONS}; got {self.input_envelope!r}",
                               field="input_envelope", value=self.input_envelope)

@@ -164,6 +164,19 @@ class Dispatcher:
         """Idle instances of ``role``, the one idle longest first (the next batch goes to it)."""
         return [i for i in self._levels[role][0] if self.backend.healthy(i)]
 
+    def can_start(self, role: str) -> bool:
+        """Whether a batch of ``role`` submitted now would start at once: nothing of ``role`` is
+        queued and a healthy instance of ``role`` holds no batch (batch policy "idle")."""
+        if self._live.get(role, 0):
+            return False
+        if self.round_robin:
+            return any(not self.instances[i].in_flight and not self._own[i] and self.backend.healthy(i)
+                       for i in self._of_role.get(role, ()))
+        levels = self._levels.get(role)
+        if not levels:
+            return False
+        return any(self.backend.healthy(i) for i in levels[0])
+
     def submit(self, work: Work, *, front: bool = False) -> None:
         if self.round_robin:
             if work.target is None:

@@ -55,8 +55,9 @@ class Frontend:
         self.dispatcher = Dispatcher(backend, config.max_in_flight, config.dispatch, clock,
                                      config.stall_timeout_ms / 1e3)
         self.dispatcher.on_send = self._on_send
+        form_now = (lambda: self.dispatcher.can_start("data")) if config.batch_policy == "idle" else None
         self.batcher = Batcher(config.batch_size, config.batch_wait_ms / 1e3, config.query_shape, clock,
-                               self._on_batch)
+                               self._on_batch, form_now)
         self.policy = make_policy(self)
         self._batches: dict[int, Batch] = {}  # formed and not yet settled
         self.probes = Probes(self.dispatcher)
@@ -226,6 +227,8 @@ class Frontend:
         elif not work.cancelled or self.policy.keeps_cancelled_output(work):
             self.policy.on_output(work, output)
         self.dispatcher.pump(work.role)  # after the outcome, so copies it made unnecessary are not sent
+        if self.batcher.form_now is not None and self.batcher.lanes():
+            self.batcher.form_idle()  # an instance may have freed up: start a waiting partial batch now
 
     def _on_failure(self, instance_id: int, reason: str) -> None:
         spec = self.backend.instances[instance_id]
@@ -244,6 +247,8 @@ class Frontend:
         spec = self.backend.instances[instance_id]
         self.metrics.instance_healthy.labels(str(instance_id), spec.role).set(1)
         self.dispatcher.pump(spec.role)
+        if self.batcher.form_now is not None and self.batcher.lanes():
+            self.batcher.form_idle()
 
     def _expire(self, batch_id: int) -> None:
         batch = self._batches.get(batch_id)
