@@ -5,7 +5,10 @@
 The large-k table reads every seed of each default-recipe (k, encoder) — ``<ds>-k<k>-<enc>.json``
 (seed 0) and ``<ds>-k<k>-<enc>-s<seed>.json`` — and prints A_d as mean ± sd over the seeds found
 (sd with n − 1; n shown), with the Berrut rows from ``berrut-<ds>.json`` (``scripts/large_k.py
---json``) beside them.
+--json``) beside them. The first tables show the default recipe's A_d as mean ± sd over the seeds
+found as well (top-5, reconstruction accuracy and CPU seconds: means). Then two base models per
+dataset, both recipes on the project's and the authors' MNIST base (``scripts/recipes_on_bases.sh``),
+and the training losses on validation.
 """
 
 from __future__ import annotations
@@ -63,45 +66,91 @@ def large_k(root: Path) -> None:
 def main(root: Path) -> None:
     for ds in ("mnist", "fashion-mnist"):
         print(f"\n### {ds} (MLP)\n")
-        print("| k | encoder | A_a | A_d default (top-1 / top-5) | recon. default | CPU s default "
-              "| A_d paper (top-1 / top-5) | CPU s paper |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| k | encoder | A_a | A_d top-1 (mean ± sd) | A_d top-5 | recon. | CPU s |")
+        print("|---|---|---|---|---|---|---|")
         for k, enc in CONFIGS:
-            cells = []
-            a_a = None
-            for recipe in ("default", "paper"):
-                result = root / recipe / f"{ds}-k{k}-{enc}.json"
-                timing = root / recipe / f"{ds}-k{k}-{enc}.time"
-                if result.exists() and timing.exists() and timing.read_text().strip():
-                    r = json.loads(result.read_text())
-                    wall, user, system = map(float, timing.read_text().split())
-                    a_a = r["available_top1"]
-                    cells.append(f"{r['degraded_top1']:.4f} / {r['degraded_top5']:.4f}")
-                    if recipe == "default":
-                        cells.append(f"{r['reconstruction_top1']:.4f}")
-                    cells.append(f"{user + system:.0f}")
-                else:
-                    cells += ["not run", "—"] if recipe == "paper" else ["not run", "—", "—"]
-            print(f"| {k} | {enc} | {a_a if a_a is None else f'{a_a:.4f}'} | " + " | ".join(cells) + " |")
+            runs = _seeds(root / "default", f"{ds}-k{k}-{enc}")
+            if runs:
+                a_a = f"{runs[0][0]['available_top1']:.4f}"
+                cpus = [c for _, c in runs if c is not None]
+                cells = [_mean_sd([r["degraded_top1"] for r, _ in runs]),
+                         f"{statistics.mean(r['degraded_top5'] for r, _ in runs):.4f}",
+                         f"{statistics.mean(r['reconstruction_top1'] for r, _ in runs):.4f}",
+                         f"{statistics.mean(cpus):.0f}" if cpus else "—"]
+            else:
+                a_a, cells = "—", ["not run", "—", "—", "—"]
+            print(f"| {k} | {enc} | {a_a} | " + " | ".join(cells) + " |")
 
 
 def two_bases(root: Path) -> None:
-    """The same parity recipes on two MNIST base models: runs/results/default (15 epochs, seed 0) and
-    runs/results/default-b2 (``TAG=-b2 BASE_ARGS="--seed 1 --epochs 30"``)."""
+    """The same parity recipes on two base models per dataset: runs/results/default (15 epochs,
+    seed 0) and runs/results/default-b2 (``TAG=-b2 BASE_ARGS="--seed 1 --epochs 30"``)."""
     bases = [("default", "base 1 (15 epochs, seed 0)"), ("default-b2", "base 2 (30 epochs, seed 1)")]
-    print("\n### mnist: two base models (A_d, mean ± sd over parity seeds)\n")
-    print("| k | encoder | " + " | ".join(label for _, label in bases) + " |")
-    print("|---|---|" + "---|" * len(bases))
-    a_a = []
-    for folder, _ in bases:
-        runs = _seeds(root / folder, "mnist-k2-add")
-        a_a.append(f"{runs[0][0]['available_top1']:.4f}" if runs else "—")
-    print("| — | A_a | " + " | ".join(a_a) + " |")
-    for k, enc in ((2, "add"), (8, "tiles")):
-        cells = []
+    for ds in ("mnist", "fashion-mnist"):
+        configs = [(k, enc) for k, enc in ((2, "add"), (8, "tiles")) if _seeds(root / "default-b2", f"{ds}-k{k}-{enc}")]
+        if not configs:
+            continue
+        print(f"\n### {ds}: two base models (A_d, mean ± sd over parity seeds)\n")
+        print("| k | encoder | " + " | ".join(label for _, label in bases) + " |")
+        print("|---|---|" + "---|" * len(bases))
+        a_a = []
         for folder, _ in bases:
-            runs = _seeds(root / folder, f"mnist-k{k}-{enc}")
-            cells.append(_mean_sd([r["degraded_top1"] for r, _ in runs]) if runs else "not run")
+            runs = _seeds(root / folder, f"{ds}-k{configs[0][0]}-{configs[0][1]}")
+            a_a.append(f"{runs[0][0]['available_top1']:.4f}" if runs else "—")
+        print("| — | A_a | " + " | ".join(a_a) + " |")
+        for k, enc in configs:
+            cells = []
+            for folder, _ in bases:
+                runs = _seeds(root / folder, f"{ds}-k{k}-{enc}")
+                cells.append(_mean_sd([r["degraded_top1"] for r, _ in runs]) if runs else "not run")
+            print(f"| {k} | {enc} | " + " | ".join(cells) + " |")
+
+
+def recipes_on_bases(root: Path) -> None:
+    """Both recipes on the project's and the authors' MNIST base, k = 2 addition, random and
+    consecutive test groups (``scripts/recipes_on_bases.sh``: runs/results/recipes)."""
+    folder = root / "recipes"
+    if not folder.exists():
+        return
+    print("\n### mnist, k = 2, addition: both recipes on two base models (test A_d, mean ± sd over seeds)\n")
+    print("| base | A_a | recipe | A_d, random groups | A_d, consecutive groups | CPU s |")
+    print("|---|---|---|---|---|---|")
+    for base, label in (("project", "project's (normalised inputs, 15 epochs)"), ("authors", "authors' (x/255)")):
+        for recipe in ("default", "paper"):
+            runs = [(json.loads(p.read_text()), p) for p in sorted(folder.glob(f"{base}-{recipe}-s[0-9].json"))]
+            if not runs:
+                continue
+            paired = [json.loads(p.with_name(p.stem + "-consecutive.json").read_text()) for _, p in runs
+                      if p.with_name(p.stem + "-consecutive.json").exists()]
+            cpus = [sum(map(float, p.with_suffix(".time").read_text().split()[1:])) for _, p in runs
+                    if p.with_suffix(".time").exists() and p.with_suffix(".time").read_text().strip()]
+            cpu = f"{statistics.mean(cpus):.0f}" if cpus and not (base == "project" and recipe == "default") else "—"
+            print(f"| {label} | {runs[0][0]['available_top1']:.4f} | {recipe} | "
+                  f"{_mean_sd([r['degraded_top1'] for r, _ in runs])} | "
+                  f"{_mean_sd([r['degraded_top1'] for r in paired]) if paired else '—'} | {cpu} |")
+
+
+def losses(root: Path) -> None:
+    """Validation metrics of the loss variants (runs/mnist-mlp/loss/k<k>-<enc>-<loss>) beside the
+    mse runs of the default recipe (runs/mnist-mlp/default/k<k>-<enc>[-s<seed>])."""
+    runs_root = root.parent
+    loss_dir = runs_root / "mnist-mlp" / "loss"
+    if not loss_dir.exists():
+        return
+    print("\n### mnist: training loss, chosen on validation (validation reconstruction / degraded top-1)\n")
+    print("| k | encoder | mse (default recipe) | kl (T = 2) | mse+kl (T = 2) |")
+    print("|---|---|---|---|---|")
+    for k, enc in ((2, "add"), (4, "add"), (8, "tiles")):
+        cells = []
+        mse = [runs_root / "mnist-mlp" / "default" / f"k{k}-{enc}{s}" / "record.json" for s in ("", "-s1", "-s2")]
+        for records in ([p for p in mse if p.exists()],
+                        [loss_dir / f"k{k}-{enc}-kl" / "record.json"], [loss_dir / f"k{k}-{enc}-mse+kl" / "record.json"]):
+            metrics = [json.loads(p.read_text())["metrics"] for p in records if p.exists()]
+            if not metrics:
+                cells.append("not run")
+                continue
+            recon = _mean_sd([m["val_reconstruction_top1"] for m in metrics])
+            cells.append(f"{recon} / {statistics.mean(m['val_degraded_top1'] for m in metrics):.4f}")
         print(f"| {k} | {enc} | " + " | ".join(cells) + " |")
 
 
@@ -110,3 +159,5 @@ if __name__ == "__main__":
     main(root)
     large_k(root)
     two_bases(root)
+    recipes_on_bases(root)
+    losses(root)

@@ -191,6 +191,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the recipe's initialisation (authors: Linear N(0, 0.01), zero bias)")
     p.add_argument("--arch", default=None,
                    help="parity model architecture (default: the base's; tile-mlp for --encoder tiles)")
+    p.add_argument("--loss", choices=["mse", "kl", "mse+kl"], default="mse",
+                   help="mse on the parity output (default, the paper's); kl: KL divergence from the deployed model's "
+                        "softened outputs to each member's reconstruction; mse+kl: their sum")
+    p.add_argument("--loss-temperature", type=float, default=2.0, metavar="T",
+                   help="softening temperature of the kl losses (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None, help="base-output cache (default: ~/.cache/parm/outputs)")
     _add_dataset_override(p)
@@ -580,10 +585,12 @@ def _train_parity(args: argparse.Namespace) -> int:
                                   cache_dir=args.cache_dir, progress=not args.no_progress, inputs=args.inputs,
                                   dataset=args.dataset, save_every_s=args.save_every_min * 60, **_device_given(args))
     if args.parity_index is None and code.r > 1:
-        records = train_parities(args.base, args.out, code, optim, arch=args.arch, init=args.init or init, **common)
+        records = train_parities(args.base, args.out, code, optim, arch=args.arch, init=args.init or init,
+                                 loss=args.loss, temperature=args.loss_temperature, **common)
         folders = parity_set_dirs(args.out, code.r)
     else:
-        parity = ParityConfig(code=code, parity_index=args.parity_index or 0, arch=args.arch, init=args.init or init)
+        parity = ParityConfig(code=code, parity_index=args.parity_index or 0, arch=args.arch, init=args.init or init,
+                              loss=args.loss, temperature=args.loss_temperature)
         records, folders = [train_parity(args.base, args.out, parity, optim, **common)], [args.out]
     for record, folder in zip(records, folders):
         m = record.metrics

@@ -14,6 +14,12 @@ INITS: tuple[str, ...] = ("scratch", "base", "authors")
 """Parity-model initialisation: ``scratch`` (PyTorch's default), ``base`` (a copy of the base
 model's weights), ``authors`` (the ParM authors' scheme: Linear weights N(0, 0.01²) with zero
 biases, conv weights Xavier-uniform with ReLU gain and zero biases, batch norm 1 and 0)."""
+LOSSES: tuple[str, ...] = ("mse", "kl", "mse+kl")
+"""Parity-training loss: ``mse`` on the parity output against Σ w_j F(X_j) (the paper's); ``kl``:
+the KL divergence, averaged over every member j of a group as if it alone were missing, from the
+deployed model's softened output softmax(F(X_j)/T) to the reconstruction's, times T²; ``mse+kl``:
+their sum. The reconstruction of member j differs from F(X_j) by the parity output's error, so
+MSE weighs every logit alike, and KL only what moves the softmax."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class ParityConfig:
     parity_index: int = 0
     arch: str | None = None  # None: the base model's architecture
     init: str = "scratch"
+    loss: str = "mse"  # one of LOSSES
+    temperature: float = 2.0  # the softening T of the kl losses
 
     def __post_init__(self) -> None:
         if not 0 <= self.parity_index < self.code.r:
@@ -69,10 +77,19 @@ class ParityConfig:
             )
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}; got init={self.init!r}", field="init", value=self.init)
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}; got loss={self.loss!r}", field="loss",
+                              value=self.loss)
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0; got temperature={self.temperature!r}", field="temperature",
+                              value=self.temperature)
 
     def to_json(self) -> dict[str, Any]:
-        return {"k": self.code.k, "r": self.code.r, "encoder": self.code.encoder,
-                "parity_index": self.parity_index, "arch": self.arch, "init": self.init}
+        out: dict[str, Any] = {"k": self.code.k, "r": self.code.r, "encoder": self.code.encoder,
+                               "parity_index": self.parity_index, "arch": self.arch, "init": self.init}
+        if self.loss != "mse":  # the paper's loss is left out, so runs trained before losses existed still resume
+            out.update(loss=self.loss, temperature=self.temperature)
+        return out
 
 
 def base_recipe(epochs: int | None = None, seed: int = 0, augment: str = "none") -> OptimConfig:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,17 +78,37 @@ def parity_inputs(parity: ParityConfig, images: torch.Tensor) -> torch.Tensor:
     return encode(parity.code, images)[:, parity.parity_index]
 
 
+def parity_loss(parity: ParityConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of ``parity.loss`` (:data:`parm.training.config.LOSSES`): loss(parity
+    output (G, D), targets) with targets the parity targets (G, D) for ``mse``, else every member's
+    base output (G, k, C) (see :func:`_batches`)."""
+    if parity.loss == "mse":
+        return F.mse_loss
+    t = parity.temperature
+
+    def loss(parity_out: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        recon = reconstruct_each(parity.code, members, parity_out, parity.parity_index)  # (G, k, C)
+        kl = F.kl_div(F.log_softmax(recon / t, dim=-1), F.log_softmax(members / t, dim=-1), log_target=True,
+                      reduction="none").sum(dim=-1).mean() * (t * t)  # per member, averaged
+        if parity.loss == "kl":
+            return kl
+        return F.mse_loss(parity_out, parity_targets(parity, members)) + kl
+    return loss
+
+
 def _batches(parity: ParityConfig, data: CodedData, batch_groups: int, encode_chunk: int = 4096):
     """Each epoch: draw groups, encode all of them at once, then yield contiguous slices.
 
     Encoding the epoch in a few large ops (not per step) keeps a step down to forward,
-    backward and the optimiser: (G, *S) parity inputs and (G, C) targets per epoch.
+    backward and the optimiser: (G, *S) parity inputs and (G, C) targets per epoch (the
+    members' outputs (G, k, C) for the kl losses, which reconstruct each member).
     """
     def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         groups = sample_groups(torch.arange(len(data.images)), parity.code.k, gen)  # (G, k)
         inputs = torch.cat([parity_inputs(parity, data.images[groups[i:i + encode_chunk]])
                             for i in range(0, len(groups), encode_chunk)])  # (G, *S)
-        targets = parity_targets(parity, data.outputs[groups])  # (G, C)
+        members = data.outputs[groups]  # (G, k, C)
+        targets = members if parity.loss != "mse" else parity_targets(parity, members)  # (G, k, C) or (G, D)
         for i in range(0, len(groups), batch_groups):
             yield inputs[i:i + batch_groups], targets[i:i + batch_groups]
     return batches
@@ -274,7 +294,7 @@ def train_parity(
 
     spec = FitSpec(
         optim=optim, steps_per_epoch=math.ceil((len(train.images) // parity.code.k) / optim.batch_size),
-        batches=_batches(parity, train, optim.batch_size), loss_fn=F.mse_loss, validate=validate,
+        batches=_batches(parity, train, optim.batch_size), loss_fn=parity_loss(parity), validate=validate,
         save_best=save_best, state_dir=out / RESUME_DIR, fingerprint=_fingerprint(parity, base, digest),
         best_path=out, progress=progress, desc=_desc(parity), device=where, precision=precision,
         save_every_s=save_every_s,
@@ -317,6 +337,8 @@ def train_parities(
     *,
     arch: str | None = None,
     init: str = "scratch",
+    loss: str = "mse",
+    temperature: float = 2.0,
     recipe: str = "custom",
     data_root: str | Path | None = None,
     download: bool = False,
@@ -343,7 +365,7 @@ def train_parities(
     check_precision(precision, where)
     records = []
     for i, folder in enumerate(parity_set_dirs(out, code.r)):
-        parity = ParityConfig(code=code, parity_index=i, arch=arch, init=init)
+        parity = ParityConfig(code=code, parity_index=i, arch=arch, init=init, loss=loss, temperature=temperature)
         record = None if inputs is not None else _already_trained(folder, parity, base, optim)  # inputs: resumed by fit
         if record is not None:
             log.info("%s: already trained in %s, skipped", _desc(parity), folder)
