@@ -1,14 +1,16 @@
 """Do big request bodies stall everyone else? Small-request latency of `parm serve` while other
 clients post large bodies.
 
-    python benchmarks/http_parse_stall.py --base runs/mnist-mlp/base [--seconds 10] [--big-clients 0,1,4]
+    python benchmarks/http_parse_stall.py --base runs/mnist-mlp/base [--seconds 10] [--big-clients 0,1,4] \
+        [--request-window N]
 
 Needs `wrk`. Starts `parm serve --mode none` (2 instances, no emulated time, 8 MiB body limit) and,
 for each count of big clients, runs that many processes each posting, in a loop, a ~7 MB body of
 JSON number lists (the largest the body limit allows) while wrk sends one-query requests from 4
 connections; prints the small requests' answers/s, p50 and p99, and what the big clients got back
 (status counts and their mean round trip). Then the same with big clients sending the same inputs in
-the base64 form (1,000 queries per request).
+the base64 form (1,000 queries per request). ``--request-window`` is passed to `parm serve` (default:
+its own, 2 × batch size × instances; 100000 lets a whole request in at once, as before that option).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--big-clients", default="0,1,4")
     parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--request-window", type=int, default=None, help="parm serve --request-window")
     args = parser.parse_args(argv)
     import subprocess
     import tempfile
@@ -76,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "shape": [1000, *record.in_shape]}}).encode()
     proc = subprocess.Popen([sys.executable, "-m", "parm.cli", "serve", "--base", str(args.base), "--mode", "none",
                              "--instances", "2", "--emulated-ms", "0", "--host", "127.0.0.1", "--port", "0",
-                             "--max-pending", "100000"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             "--max-pending", "100000",
+                             *([] if args.request_window is None else ["--request-window", str(args.request_window)])],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("ready http://"):
         proc.kill()

@@ -349,6 +349,9 @@ _SERVING_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--stall-timeout-ms", "stall_timeout_ms", float, "an instance silent this long is restarted (default: {})"),
     ("--dispatch", "dispatch", str, "shared pull queue or per-instance round_robin (default: {})"),
     ("--max-pending", "max_pending_queries", int, "pending queries before 429 (default: {})"),
+    ("--request-window", "request_window", int,
+     "queries of one request let into the batcher and instances at once; the rest enter as its answers come back, "
+     "so a huge request cannot fill the queue ahead of small ones (default: {}, i.e. 2 × batch size × instances)"),
     ("--hedge-percentile", "hedge_percentile", float,
      "hedge, cheap, coded-hedge: a batch in service longer than this percentile of recent service times is "
      "re-sent (default: {})"),

@@ -125,14 +125,16 @@ def test_a_request_larger_than_max_pending_is_413_not_retry_later(server) -> Non
     assert _predict(port, {"inputs": np.zeros((10, 784)).tolist()})[0] == 200
 
 
-def test_idle_batching_starts_a_lone_query_at_once_and_answers_concurrent_ones(tiny_checkpoints) -> None:
+def test_idle_batching_and_a_request_window_answer_every_query_its_own(tiny_checkpoints) -> None:
     """--batch-policy idle with a 2 s batch wait: a lone query is answered long before its batch of 8
-    could fill or time out, and concurrent requests (batched together) all get their own answers."""
+    could fill or time out, and concurrent requests (batched together) all get their own answers; with
+    --request-window 8, a 300-query request sent beside them is answered whole and in order."""
     import concurrent.futures
 
     base, parity = tiny_checkpoints
     proc, port = _start_server(["--base", str(base), "--parity", str(parity), "--instances", "2", "--mode", "coded",
-                                "--batch-size", "8", "--batch-policy", "idle", "--batch-wait-ms", "2000"])
+                                "--batch-size", "8", "--batch-policy", "idle", "--batch-wait-ms", "2000",
+                                "--request-window", "8"])
     try:
         rng = np.random.default_rng(3)
         x = rng.standard_normal((24, *SHAPE)).astype(np.float32)
@@ -140,9 +142,18 @@ def test_idle_batching_starts_a_lone_query_at_once_and_answers_concurrent_ones(t
             t0 = time.monotonic()
             status, out = _predict(port, {"inputs": [x[i].reshape(-1).tolist()]})
             assert status == 200 and out["outputs"][0]["latency_ms"] < 1000 and time.monotonic() - t0 < 1.5
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        big = rng.standard_normal((300, *SHAPE)).astype(np.float32)
+        big_body = {"inputs": {"data": base64.b64encode(big.tobytes()).decode(), "shape": [300, *SHAPE]}}
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            big_future = pool.submit(_predict, port, big_body)
             results = list(pool.map(lambda q: _predict(port, {"inputs": [q.reshape(-1).tolist()]}), x))
+            big_status, big_out = big_future.result()
         alone = [_predict(port, {"inputs": [q.reshape(-1).tolist()]}) for q in x[:4]]
+        assert big_status == 200 and len(big_out["outputs"]) == 300
+        _, first_two = _predict(port, {"inputs": big[:2].reshape(2, -1).tolist()})
+        for a, b in zip(big_out["outputs"][:2], first_two["outputs"]):  # in the request's order
+            if a["source"] == b["source"] == "original":
+                np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4, atol=1e-4)
         assert all(status == 200 and len(out["outputs"]) == 1 for status, out in results + alone)
         for (_, together), (_, single) in zip(results, alone):  # each answer is its own query's, not a neighbour's
             a, b = together["outputs"][0], single["outputs"][0]

@@ -467,6 +467,64 @@ def test_batch_policy_is_checked() -> None:
         ServingConfig(query_shape=S, batch_policy="eager")
 
 
+# ---- one request among many: request_window ---------------------------------------------------
+@pytest.mark.parametrize("mode", ["none", "coded"])
+def test_a_huge_request_holds_at_most_its_window_and_a_small_one_is_answered_before_it_ends(mode: str) -> None:
+    # m = 2, batch 2, window 4: a 64-query request has at most 4 queries submitted at any time, so a one-query
+    # request sent just after it is answered within a few batch times, not after all 64 (32 batch times)
+    frontend, backend = build(mode, m=2, batch_size=2, request_window=4, delay_s=0.01)
+    big, small = queries(64, seed=43), queries(1, seed=44)
+    most = 0
+
+    async def main():
+        nonlocal most
+        async with serving(frontend):
+            await asyncio.sleep(0.1)  # past start-up probes
+            t0 = asyncio.get_running_loop().time()
+            big_task = asyncio.ensure_future(frontend.predict(big))
+            await asyncio.sleep(0)
+            assert frontend.pending_queries() == 64  # admitted whole
+            most = frontend._unanswered  # submitted: the first window
+            small_pred = await frontend.predict(small)
+            small_done = asyncio.get_running_loop().time() - t0
+            while not big_task.done():
+                most = max(most, frontend._unanswered)
+                await asyncio.sleep(0.002)
+            big_done = asyncio.get_running_loop().time() - t0
+            return big_task.result(), small_pred, small_done, big_done, frontend.pending_queries()
+
+    big_preds, small_pred, small_done, big_done, left = run(main())
+    assert_true_scores(big_preds, big)  # every answer, in order
+    assert_true_scores(small_pred, small)
+    assert most <= 4 + 1 and left == 0
+    assert small_done < 0.1 < big_done  # ~4 batch times against ~32
+
+
+def test_a_windowed_request_that_fails_frees_its_places_and_others_go_on() -> None:
+    frontend, backend = build("none", m=1, batch_size=1, request_window=2, max_pending_queries=20)
+    qs = queries(10, seed=45)
+
+    async def main():
+        async with serving(frontend):
+            await asyncio.sleep(0.05)
+            backend.model_error(0, times=1)  # the request's first batch fails: the request fails
+            with pytest.raises(ModelFailedError):
+                await frontend.predict(qs)
+            await asyncio.sleep(0.1)  # its other submitted query is answered, read by nobody
+            left = frontend.pending_queries()
+            again = await frontend.predict(qs)  # the places are free: admitted and answered
+            return left, again
+
+    left, again = run(main())
+    assert left == 0
+    assert_true_scores(again, qs)
+
+
+def test_request_window_is_checked() -> None:
+    with pytest.raises(ConfigError, match="request_window must be an integer >= 0"):
+        ServingConfig(query_shape=S, request_window=-1)
+
+
 # ---- stalls, deadlines ------------------------------------------------------------------------
 def test_a_stalled_instance_is_killed_and_its_batch_resent_elsewhere() -> None:
     frontend, backend = build("none", m=2, stall_timeout_ms=30)

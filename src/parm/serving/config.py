@@ -88,6 +88,10 @@ class ServingConfig:
     # originals while every data instance is full) before parity work; False: data work on data instances only
     hedge_on_parity: bool = True
     max_pending_queries: int = 10_000  # beyond this, new queries are refused (overload)
+    # queries of one request in the batcher, queues and instances at once; the rest wait in the request
+    # and enter as its answers come back, so a request of thousands of queries cannot fill the queue
+    # ahead of everyone else's. 0: 2 × batch_size × data instances (every instance busy, one batch ready)
+    request_window: int = 0
     # coded modes: a query outside the parity model's input envelope is served uncoded (outside every
     # coding group, so it cannot reach other queries' reconstructions), refused ("reject", 422) or,
     # with "off", coded like any other
@@ -105,6 +109,9 @@ class ServingConfig:
             raise ConfigError(f"dispatch must be one of {DISPATCH}; got {self.dispatch!r}", field="dispatch",
                               value=self.dispatch)
         _ = self.code  # built once here (and cached): validates k and encoder together
+        if not isinstance(self.request_window, int) or self.request_window < 0:
+            raise ConfigError(f"request_window must be an integer >= 0 (0: automatic); got {self.request_window!r}",
+                              field="request_window", value=self.request_window)
         for name in ("batch_size", "max_in_flight", "max_pending_queries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}", field=name, value=getattr(self, name))

@@ -63,6 +63,9 @@ class Frontend:
         self.probes = Probes(self.dispatcher)
         self._stall_task: asyncio.Task | None = None
         self._unanswered = 0  # queries submitted and not yet answered or failed
+        self._reserved = 0  # queries of admitted requests not yet submitted (request_window)
+        data_instances = sum(1 for spec in backend.instances if spec.role == "data")
+        self.request_window = config.request_window or 2 * config.batch_size * max(1, data_instances)
         self._query_counters = {s: self.metrics.queries.labels(s.value) for s in Source}
         self._by_tenant = bool(config.tenant_header) and config.mode in CODED_MODES  # groups never mix tenants
 
@@ -105,9 +108,11 @@ class Frontend:
         return health_report(self)
 
     def pending_queries(self) -> int:
-        return self._unanswered
+        """Queries admitted and not yet answered: submitted ones and those still waiting in their request."""
+        return self._unanswered + self._reserved
 
-    def submit(self, query: torch.Tensor, *, inside: bool | None = None, tenant: str | None = None) -> asyncio.Future:
+    def submit(self, query: torch.Tensor, *, inside: bool | None = None, tenant: str | None = None,
+               _reserved: bool = False) -> asyncio.Future:
         """Queue one query (*query_shape) float32; the future resolves to a Prediction. ``inside``:
         whether it lies inside the input envelope, when the caller already checked (``predict``).
         ``tenant``: who sent it; with ``tenant_header`` set in a coded mode, queries of different
@@ -115,7 +120,9 @@ class Frontend:
         if tuple(query.shape) != self.query_shape:
             raise BadQueryError(f"query has shape {list(query.shape)}; expected {list(self.query_shape)}",
                                 field="inputs")
-        if self.pending_queries() >= self.config.max_pending_queries:
+        if _reserved:  # admitted with its request: its place was kept
+            self._reserved -= 1
+        elif self.pending_queries() >= self.config.max_pending_queries:
             self.metrics.rejected.labels("overloaded").inc()
             raise self._overloaded(1)
         coded = True
@@ -158,14 +165,44 @@ class Frontend:
                                 field="inputs", status=413)
         if self.pending_queries() + len(queries) > self.config.max_pending_queries:
             raise self._overloaded(len(queries))  # counted by the caller (the HTTP edge)
-        if self.envelope is None:
-            futures = [self.submit(q, tenant=tenant) for q in queries]
-        else:  # one vectorised check for the whole request; a rejected request leaves nothing queued
-            inside = self.envelope.contains(queries).tolist()
-            if self.config.input_envelope == "reject" and not all(inside):
-                self._outside_envelope(len(inside) - sum(inside))
+        inside: list[bool | None] = [None] * len(queries)
+        if self.envelope is not None:  # one vectorised check for the whole request; a rejected one queues nothing
+            checked: list[bool] = self.envelope.contains(queries).tolist()
+            if self.config.input_envelope == "reject" and not all(checked):
+                self._outside_envelope(len(checked) - sum(checked))
+            inside = list(checked)
+        if len(queries) <= self.request_window:
             futures = [self.submit(q, inside=ok, tenant=tenant) for q, ok in zip(queries, inside)]
-        return list(await asyncio.gather(*futures))
+            return list(await asyncio.gather(*futures))
+        return await self._predict_windowed(queries, inside, tenant)
+
+    async def _predict_windowed(self, queries: torch.Tensor, inside: list[bool | None],
+                                tenant: str | None) -> list[Prediction]:
+        """A request larger than ``request_window``: admitted whole (its places are reserved, so it is
+        answered all or, on overload, not at all), but at most ``request_window`` of its queries are
+        submitted at once; each answer lets the next one in. Other requests' queries thus never wait
+        behind more than a window of this one's, whatever its size. The first failure fails the request."""
+        n = len(queries)
+        self._reserved += n
+        results: list[Prediction | None] = [None] * n
+        index: dict[asyncio.Future, int] = {}
+        waiting: set[asyncio.Future] = set()
+        sent = 0
+        try:
+            while sent < n or waiting:
+                while sent < n and len(waiting) < self.request_window:
+                    future = self.submit(queries[sent], inside=inside[sent], tenant=tenant, _reserved=True)
+                    index[future] = sent
+                    waiting.add(future)
+                    sent += 1
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    results[index.pop(future)] = future.result()  # raises: the request fails
+        finally:
+            self._reserved -= n - sent  # never submitted: their places are free again
+            for future in waiting:  # answered later, read by nobody: no "exception never retrieved"
+                future.add_done_callback(_consume)
+        return results  # type: ignore[return-value]
 
     def _on_batch(self, batch: Batch) -> None:
         self._batches[batch.batch_id] = batch
@@ -256,6 +293,11 @@ class Frontend:
             self.settle(batch, Source.ERROR, error=DeadlineExceededError(
                 f"no answer within deadline_ms={self.config.deadline_ms}", deadline_s=self.config.deadline_ms / 1e3))
             self.policy.on_expired(batch_id)
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _non_finite(source: Source) -> ModelFailedError:
