@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from parm.coding import CodeConfig
 from parm.errors import ConfigError
-from parm.training import OptimConfig, ParityConfig
+from parm.training import ParityConfig
 from parm.training.parity import parity_loss, parity_targets
 
 
