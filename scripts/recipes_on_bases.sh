@@ -4,7 +4,7 @@
 # trains it) and the ParM authors' base (x/255 inputs), imported from their safetensors file.
 #   scripts/recipes_on_bases.sh PATH/authors-mnist-base-mlp/model.safetensors
 # Results: runs/results/recipes/<base>-<recipe>-s<seed>.{json,time,log}; `python scripts/results_table.py`
-# prints the table. The paper recipe runs 500 epochs (~14 CPU minutes per model). The project base's
+# prints the table. The paper recipe runs 500 epochs (about 4–5 CPU minutes per model on a 2-core machine). The project base's
 # default-recipe models are those of `scripts/reproduce_results.sh` (SEEDS="0 1 2" CONFIGS="2:add"),
 # found in runs/mnist-mlp/default and only evaluated here (their .time is then the check, not the training).
 #   RECIPES="paper" SEEDS="0" BASES="authors" ...   # a subset

@@ -131,26 +131,46 @@ def recipes_on_bases(root: Path) -> None:
 
 
 def losses(root: Path) -> None:
-    """Validation metrics of the loss variants (runs/mnist-mlp/loss/k<k>-<enc>-<loss>) beside the
-    mse runs of the default recipe (runs/mnist-mlp/default/k<k>-<enc>[-s<seed>])."""
+    """The training losses on MNIST: validation metrics (what the choice is made on) of the loss
+    variants (runs/mnist-mlp/loss/k<k>-<enc>-<loss>[-s<seed>]) beside the mse runs of the default
+    recipe (runs/mnist-mlp/default/k<k>-<enc>[-s<seed>]), then the test A_d of each (``<run>/eval.json``
+    for the loss variants, runs/results/default for mse), reported after the choice."""
     runs_root = root.parent
     loss_dir = runs_root / "mnist-mlp" / "loss"
     if not loss_dir.exists():
         return
-    print("\n### mnist: training loss, chosen on validation (validation reconstruction / degraded top-1)\n")
-    print("| k | encoder | mse (default recipe) | kl (T = 2) | mse+kl (T = 2) |")
-    print("|---|---|---|---|---|")
-    for k, enc in ((2, "add"), (4, "add"), (8, "tiles")):
+    variants = ("mse", "kl", "mse+kl")
+
+    def folders(k: int, enc: str, loss: str) -> list[Path]:
+        parent, stem = ((runs_root / "mnist-mlp" / "default", f"k{k}-{enc}") if loss == "mse"
+                        else (loss_dir, f"k{k}-{enc}-{loss}"))
+        return [d for d in (parent / f"{stem}{s}" for s in ("", "-s1", "-s2")) if (d / "record.json").exists()]
+
+    configs = ((2, "add"), (4, "add"), (8, "tiles"))
+    print("\n### mnist: training loss, chosen on validation (validation reconstruction top-1, mean ± sd "
+          "over seeds / validation A_d, mean)\n")
+    print("| k | encoder | " + " | ".join(f"{v} (T = 2)" if "kl" in v else v for v in variants) + " |")
+    print("|---|---|" + "---|" * len(variants))
+    for k, enc in configs:
         cells = []
-        mse = [runs_root / "mnist-mlp" / "default" / f"k{k}-{enc}{s}" / "record.json" for s in ("", "-s1", "-s2")]
-        for records in ([p for p in mse if p.exists()],
-                        [loss_dir / f"k{k}-{enc}-kl" / "record.json"], [loss_dir / f"k{k}-{enc}-mse+kl" / "record.json"]):
-            metrics = [json.loads(p.read_text())["metrics"] for p in records if p.exists()]
-            if not metrics:
-                cells.append("not run")
-                continue
-            recon = _mean_sd([m["val_reconstruction_top1"] for m in metrics])
-            cells.append(f"{recon} / {statistics.mean(m['val_degraded_top1'] for m in metrics):.4f}")
+        for loss in variants:
+            metrics = [json.loads((d / "record.json").read_text())["metrics"] for d in folders(k, enc, loss)]
+            metrics = [m for m in metrics if "val_reconstruction_top1" in m]
+            cells.append(f"{_mean_sd([m['val_reconstruction_top1'] for m in metrics])} / "
+                         f"{statistics.mean(m['val_degraded_top1'] for m in metrics):.4f}" if metrics else "not run")
+        print(f"| {k} | {enc} | " + " | ".join(cells) + " |")
+    print("\n### mnist: training loss, test A_d (mean ± sd over seeds), measured after the choice\n")
+    print("| k | encoder | " + " | ".join(variants) + " |")
+    print("|---|---|" + "---|" * len(variants))
+    for k, enc in configs:
+        cells = []
+        for loss in variants:
+            if loss == "mse":
+                found = [r["degraded_top1"] for r, _ in _seeds(root / "default", f"mnist-k{k}-{enc}")]
+            else:
+                found = [json.loads((d / "eval.json").read_text())["degraded_top1"] for d in folders(k, enc, loss)
+                         if (d / "eval.json").exists()]
+            cells.append(_mean_sd(found) if found else "not run")
         print(f"| {k} | {enc} | " + " | ".join(cells) + " |")
 
 
